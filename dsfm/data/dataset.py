@@ -1,0 +1,133 @@
+"""Packed next-token samples read straight from a prepared token stream.
+
+Design choices:
+- The split's `.bin` is memory-mapped read-only: the OS page cache is the only copy, every
+  rank and worker shares it, and opening a dataset costs nothing however large it is.
+- Samples are packed windows over the flat stream, ignoring document boundaries (EOT marks
+  them): sample `i` is tokens `[i*seq_len, i*seq_len + seq_len + 1)`, so inputs are
+  `[:-1]` and targets `[1:]`, and consecutive samples share one boundary token. Every token
+  is trained on and no padding is needed.
+- Sample order is not this module's business: `sampler.py` chooses indices.
+- `read_meta` checks the files against `meta.json` before anything trusts them, so a
+  truncated copy fails at start-up with the file's name instead of mid-run.
+- Pickling drops the memmap and reopens it, so a DataLoader worker gets a view of the
+  file rather than a copy of the whole split.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+META_FILE = "meta.json"
+SUPPORTED_FORMAT_VERSIONS = (1,)
+PREPARE_HINT = "run `dsfm prepare` to (re)create it"
+
+
+def read_meta(data_dir: str | Path) -> dict:
+    """Load `data_dir/meta.json` and check every split's files match it."""
+    data_dir = Path(data_dir)
+    meta_path = data_dir / META_FILE
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data directory {data_dir} does not exist; {PREPARE_HINT}")
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"{meta_path} is missing, so {data_dir} is not a prepared dataset; {PREPARE_HINT}"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+        version = meta["format_version"]
+        dtype = np.dtype(meta["dtype"])
+        splits = meta["splits"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{meta_path} is unreadable or incomplete ({e!r}); {PREPARE_HINT}") from e
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise ValueError(
+            f"{meta_path} has format_version {version}, this dsfm reads "
+            f"{SUPPORTED_FORMAT_VERSIONS}; {PREPARE_HINT} with this version"
+        )
+    for split, counts in splits.items():
+        bin_path = data_dir / f"{split}.bin"
+        idx_path = data_dir / f"{split}.idx"
+        for path, expected in (
+            (bin_path, counts["tokens"] * dtype.itemsize),
+            (idx_path, (counts["docs"] + 1) * 8),
+        ):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing; {PREPARE_HINT}")
+            size = path.stat().st_size
+            if size != expected:
+                raise ValueError(
+                    f"{path} is {size} bytes but {meta_path} implies {expected}; the dataset is "
+                    f"truncated or mixed from different runs, {PREPARE_HINT}"
+                )
+    return meta
+
+
+class TokenDataset:
+    """Fixed-length next-token windows over one split, indexed `0 .. len-1`."""
+
+    def __init__(self, data_dir: str | Path, split: str, seq_len: int) -> None:
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        self.data_dir = Path(data_dir)
+        self.meta = read_meta(self.data_dir)
+        if split not in self.meta["splits"]:
+            raise ValueError(
+                f"{self.data_dir} has no {split!r} split (has {sorted(self.meta['splits'])})"
+            )
+        self.split = split
+        self.seq_len = seq_len
+        self.vocab_size: int = self.meta["vocab_size"]
+        self.eot_id: int = self.meta["eot_id"]
+        self.n_tokens: int = self.meta["splits"][split]["tokens"]
+        if self.n_tokens < seq_len + 1:
+            raise ValueError(
+                f"the {split!r} split of {self.data_dir} has {self.n_tokens} tokens, but one "
+                f"sample of seq_len={seq_len} needs {seq_len + 1}; use a shorter seq_len, or "
+                f"more data / a larger val_fraction in `dsfm prepare`"
+            )
+        self._tokens = self._open()
+
+    def _open(self) -> np.memmap:
+        path = self.data_dir / f"{self.split}.bin"
+        return np.memmap(path, dtype=np.dtype(self.meta["dtype"]), mode="r", shape=(self.n_tokens,))
+
+    def __len__(self) -> int:
+        return (self.n_tokens - 1) // self.seq_len
+
+    def _start(self, i: int) -> int:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sample {i} out of range for {n} samples")
+        return (i % n) * self.seq_len
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Tokens of sample `i`, int64, shape (seq_len + 1,)."""
+        start = self._start(int(i))
+        return np.array(self._tokens[start : start + self.seq_len + 1], dtype=np.int64)
+
+    def batch(self, indices: Sequence[int]) -> torch.LongTensor:
+        """Samples `indices` stacked, shape (B, seq_len + 1)."""
+        starts = np.array([self._start(int(i)) for i in indices], dtype=np.int64)
+        window = starts[:, None] + np.arange(self.seq_len + 1)  # (B, seq_len + 1)
+        return torch.from_numpy(np.array(self._tokens[window], dtype=np.int64))
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_tokens"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._tokens = self._open()
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenDataset({str(self.data_dir)!r}, split={self.split!r}, seq_len={self.seq_len}, "
+            f"samples={len(self)}, tokens={self.n_tokens})"
+        )
