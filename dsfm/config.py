@@ -1,0 +1,532 @@
+"""Training configuration: YAML -> nested typed dataclasses -> one validation pass.
+
+Precedence is defaults < YAML file < `key.sub=value` overrides. Every field carries a
+one-line docstring (the string literal after it) that `dsfm config-docs` prints.
+Unknown keys, wrong types and impossible combinations are all collected and raised
+together as one `ConfigError` before any engine is built. Each component receives
+only its own section (`cfg.optim` for the optimizer, ...), never the whole config.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dsfm.model.presets import PRESETS
+
+
+class ConfigError(ValueError):
+    """Every problem found in a configuration, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid configuration ({len(problems)} problem(s)):\n{lines}")
+
+
+@dataclass
+class ModelConfig:
+    preset: str | None = None
+    "Size preset (d2..d32 by depth, 135m, 1.4b); explicit fields below override it."
+    vocab_size: int = 0
+    "Vocabulary size; 0 takes the prepared dataset's vocabulary size."
+    n_layers: int = 4
+    "Number of transformer blocks."
+    d_model: int = 256
+    "Model width (embedding and residual stream size)."
+    n_heads: int = 4
+    "Attention (query) heads; must divide d_model."
+    n_kv_heads: int | None = None
+    "Key/value heads for grouped-query attention; must divide n_heads. None = n_heads."
+    ffn_hidden: int | None = None
+    "SwiGLU hidden size. None = 8/3 * d_model rounded up to a multiple of 64."
+    max_seq_len: int = 2048
+    "Longest sequence the model accepts (RoPE table size)."
+    rope_theta: float = 10000.0
+    "RoPE base frequency."
+    norm_eps: float = 1e-5
+    "RMSNorm epsilon."
+    tie_embeddings: bool = False
+    "Share the token embedding with the LM head."
+    dropout: float = 0.0
+    "Dropout on attention probabilities and residual branches (0 for pretraining)."
+    init_std: float = 0.02
+    "Std of the normal init; output projections are scaled by 1/sqrt(2 * n_layers)."
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    "Prepared dataset directory (output of `dsfm prepare`)."
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    "Peak learning rate."
+    betas: tuple[float, float] = (0.9, 0.95)
+    "AdamW betas."
+    eps: float = 1e-8
+    "AdamW epsilon."
+    weight_decay: float = 0.1
+    "Decoupled weight decay, applied only to >=2-D weights (not norms, not biases)."
+    grad_clip: float = 1.0
+    "Clip the global gradient norm to this value (0 disables)."
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 100
+    "Linear warmup steps (DeepSpeed WarmupCosineLR)."
+    min_lr_ratio: float = 0.1
+    "Cosine decays the LR to lr * min_lr_ratio at train.max_steps."
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    "Optimizer steps to train for."
+    micro_batch_size: int = 8
+    "Sequences per rank per forward pass."
+    grad_accum: int = 1
+    "Micro-batches accumulated per optimizer step."
+    global_batch_size: int | None = None
+    "Optional check: must equal micro_batch_size * grad_accum * world size."
+    seq_len: int = 512
+    "Tokens per training sequence (inputs; each sample reads seq_len + 1 tokens)."
+    seed: int = 1337
+    "Seed for init, data order, dropout and sampling."
+    out_dir: str = "runs/default"
+    "Run directory: metrics, samples, resolved configs, checkpoints."
+    precision: str | None = None
+    "bf16, fp16 or fp32; None keeps what the DeepSpeed config says."
+    log_every: int = 10
+    "Print a status line every N steps (metrics.jsonl gets every step)."
+    stop_at: int | None = None
+    "Stop this invocation after this step with a checkpoint; the schedule still spans max_steps."
+
+
+@dataclass
+class EvalConfig:
+    every: int = 200
+    "Run validation and sampling every N steps (0 disables; also runs at the end)."
+    batches: int = 20
+    "Validation batches per eval (the same batches every time)."
+    prompts: list[str] = field(default_factory=lambda: ["def ", "The "])
+    "Prompts for sample generations written to samples.jsonl."
+    max_new_tokens: int = 64
+    "Tokens generated per prompt."
+    temperature: float = 0.8
+    "Sampling temperature for eval generations (0 = greedy)."
+    top_k: int | None = 50
+    "Top-k for eval generations (None disables)."
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    "Save a checkpoint every N steps (0 = only the final one)."
+    keep_last: int = 3
+    "Keep this many step checkpoints; `best` and `final` are kept besides."
+    save_best: bool = True
+    "Keep a `best` tag for the lowest validation loss."
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    world_size: int = 1,
+    check_data: bool = True,
+) -> Config:
+    """Defaults < YAML file < `key.sub=value` overrides, then every check in `validate`.
+
+    Raises one ConfigError listing every problem: syntax, unknown keys, wrong types and
+    impossible combinations together.
+    """
+    raw: dict[str, Any] = {}
+    problems: list[str] = []
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides or []:
+        try:
+            _apply_override(raw, item)
+        except ValueError as e:
+            problems.append(str(e))
+    cfg = _build(raw, problems)
+    problems += check(cfg, world_size, check_data=check_data)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(
+            [
+                f"config file {path} not found (pass --config configs/smoke.yaml or a "
+                "path to your own YAML)"
+            ]
+        )
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path} is not valid YAML: {e}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            [
+                f"{path} must hold a mapping of sections (model:, train:, ...), "
+                f"got {type(raw).__name__}"
+            ]
+        )
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ValueError(f"override {item!r} is not of the form key.sub=value")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"override key {key!r} must be section.field, e.g. train.max_steps=100")
+    section = raw.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ValueError(f"override {item!r}: section {parts[0]!r} is not a mapping")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text  # a plain string with YAML-special characters
+    section[parts[1]] = value
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(options)})"
+
+
+def _build(raw: dict[str, Any], problems: list[str]) -> Config:
+    sections: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in SECTIONS:
+            problems.append(f"unknown section {name!r}{_suggest(name, list(SECTIONS))}")
+            continue
+        if not isinstance(value, dict):
+            problems.append(f"section {name!r} must be a mapping, got {value!r}")
+            continue
+        cls = SECTIONS[name]
+        if name == "model":
+            value = _with_preset(value, problems)
+        sections[name] = _build_section(name, cls, value, problems)
+    cfg = Config(**sections)
+    _resolve_model(cfg.model)
+    return cfg
+
+
+def _with_preset(value: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    preset = value.get("preset")
+    if preset is None:
+        return value
+    if preset not in PRESETS:
+        problems.append(
+            f"model.preset: unknown preset {preset!r}{_suggest(str(preset), list(PRESETS))}"
+        )
+        return value
+    return {**PRESETS[preset], **value}  # explicit fields beat the preset
+
+
+def _build_section(section: str, cls: type, value: dict[str, Any], problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, item in value.items():
+        if key not in hints:
+            problems.append(f"unknown key {section}.{key}{_suggest(key, list(hints))}")
+            continue
+        try:
+            kwargs[key] = _coerce(item, hints[key])
+        except TypeError as e:
+            problems.append(f"{section}.{key}: {e}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """A YAML/CLI value converted to the annotated type, or TypeError saying what was expected."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0])
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"expected a list, got {value!r}")
+        if origin is tuple:
+            if len(value) != len(args):
+                raise TypeError(f"expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a) for v, a in zip(value, args))
+        return [_coerce(v, args[0]) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return (
+                    int(float(value)) if float(value).is_integer() else _fail(value, "an integer")
+                )
+            except ValueError:
+                pass
+        _fail(value, "an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 3e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        _fail(value, "a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        _fail(value, "a string")
+    raise TypeError(f"unsupported type {tp}")
+
+
+def _fail(value: Any, expected: str) -> Any:
+    raise TypeError(f"expected {expected}, got {value!r}")
+
+
+def _resolve_model(m: ModelConfig) -> None:
+    if m.n_kv_heads is None:
+        m.n_kv_heads = m.n_heads
+    if m.ffn_hidden is None:
+        from dsfm.model.presets import _swiglu_hidden
+
+        m.ffn_hidden = _swiglu_hidden(m.d_model)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(cfg: Config, world_size: int = 1, *, check_data: bool = True) -> None:
+    """Raise one ConfigError listing every problem `check` finds."""
+    problems = check(cfg, world_size, check_data=check_data)
+    if problems:
+        raise ConfigError(problems)
+
+
+def check(cfg: Config, world_size: int = 1, *, check_data: bool = True) -> list[str]:
+    """Every cross-field rule at once; fills model.vocab_size from the data when it is 0.
+
+    Runs before any engine or model is built.
+    """
+    p: list[str] = []
+    m, t, o, s = cfg.model, cfg.train, cfg.optim, cfg.schedule
+
+    for sec, name in [
+        ("model", "n_layers"),
+        ("model", "d_model"),
+        ("model", "n_heads"),
+        ("model", "n_kv_heads"),
+        ("model", "ffn_hidden"),
+        ("model", "max_seq_len"),
+        ("train", "max_steps"),
+        ("train", "micro_batch_size"),
+        ("train", "grad_accum"),
+        ("train", "seq_len"),
+        ("eval", "batches"),
+        ("checkpoint", "keep_last"),
+    ]:
+        value = getattr(getattr(cfg, sec), name)
+        if value is None or value < 1:
+            p.append(f"{sec}.{name} must be >= 1, got {value}")
+    for sec, name in [
+        ("eval", "every"),
+        ("checkpoint", "every"),
+        ("schedule", "warmup_steps"),
+        ("optim", "weight_decay"),
+        ("optim", "grad_clip"),
+        ("train", "log_every"),
+    ]:
+        if getattr(getattr(cfg, sec), name) < 0:
+            p.append(f"{sec}.{name} must be >= 0, got {getattr(getattr(cfg, sec), name)}")
+
+    if m.n_heads and m.d_model % m.n_heads:
+        p.append(
+            f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model} "
+            f"(pick n_heads so that d_model / n_heads is a whole head size, e.g. "
+            f"{max(1, m.d_model // 64)})"
+        )
+    elif m.n_heads and (m.d_model // m.n_heads) % 2:
+        p.append(
+            f"head size d_model/n_heads = {m.d_model // m.n_heads} is odd; RoPE needs an even "
+            "head size"
+        )
+    if m.n_kv_heads and m.n_heads and m.n_heads % m.n_kv_heads:
+        p.append(
+            f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads} "
+            "(each key/value head serves a whole group of query heads)"
+        )
+    if not 0.0 <= m.dropout < 1.0:
+        p.append(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if t.seq_len and m.max_seq_len and t.seq_len > m.max_seq_len:
+        p.append(
+            f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len} "
+            "(lower train.seq_len or raise model.max_seq_len)"
+        )
+    if o.lr <= 0:
+        p.append(f"optim.lr must be > 0, got {o.lr}")
+    if not all(0.0 <= b < 1.0 for b in o.betas):
+        p.append(f"optim.betas must each be in [0, 1), got {list(o.betas)}")
+    if not 0.0 <= s.min_lr_ratio <= 1.0:
+        p.append(f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
+    if t.max_steps and s.warmup_steps >= t.max_steps:
+        p.append(
+            f"schedule.warmup_steps={s.warmup_steps} must be below train.max_steps="
+            f"{t.max_steps} (there would be no cosine phase)"
+        )
+    if t.stop_at is not None and not 0 < t.stop_at <= t.max_steps:
+        p.append(f"train.stop_at={t.stop_at} must be in [1, train.max_steps={t.max_steps}]")
+    if t.precision is not None and t.precision not in PRECISIONS:
+        p.append(
+            f"train.precision must be one of {', '.join(PRECISIONS)} (or null), got {t.precision!r}"
+        )
+    if t.global_batch_size is not None:
+        actual = t.micro_batch_size * t.grad_accum * world_size
+        if actual != t.global_batch_size:
+            p.append(
+                f"train.global_batch_size={t.global_batch_size} but micro_batch_size "
+                f"({t.micro_batch_size}) x grad_accum ({t.grad_accum}) x world size "
+                f"({world_size}) = {actual}; adjust grad_accum or micro_batch_size"
+            )
+    if check_data:
+        _check_data(cfg, p)
+    return p
+
+
+def _check_data(cfg: Config, p: list[str]) -> None:
+    if not cfg.data.path:
+        p.append(
+            "data.path is not set (prepare a dataset with `dsfm prepare` and pass data.path=DIR)"
+        )
+        return
+    meta_path = Path(cfg.data.path) / "meta.json"
+    if not meta_path.is_file():
+        p.append(
+            f"data.path={cfg.data.path}: no meta.json there; is it a directory made by "
+            "`dsfm prepare`?"
+        )
+        return
+    try:
+        data_vocab = int(json.loads(meta_path.read_text())["vocab_size"])
+    except (ValueError, KeyError, TypeError) as e:
+        p.append(f"{meta_path} is unreadable or has no vocab_size ({e}); re-run `dsfm prepare`")
+        return
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = data_vocab
+    elif cfg.model.vocab_size < data_vocab:
+        p.append(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the dataset's "
+            f"vocabulary ({data_vocab}); token ids would overflow the embedding "
+            "(set model.vocab_size=0 to take the data's)"
+        )
+
+
+# ---------------------------------------------------------------- writing and docs
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    d["optim"]["betas"] = list(cfg.optim.betas)
+    return d
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a resolved config (e.g. from a checkpoint's client state)."""
+    problems: list[str] = []
+    cfg = _build(d, problems)
+    problems += check(cfg, check_data=False)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstring written after each dataclass field."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = nxt.value.value  # type: ignore[union-attr]
+    return docs
+
+
+def reference() -> str:
+    """Markdown reference of every setting, generated from the field docstrings."""
+    lines = ["# Training config reference", ""]
+    for name, cls in SECTIONS.items():
+        lines += [f"## {name}", "", "| key | default | meaning |", "| --- | --- | --- |"]
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            )
+            lines.append(
+                f"| `{name}.{f.name}` | `{json.dumps(default)}` | {docs.get(f.name, '')} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def env_overrides() -> list[str]:
+    """Extra overrides from DSFM_OVERRIDES (space-separated), handy under launchers."""
+    return os.environ.get("DSFM_OVERRIDES", "").split()

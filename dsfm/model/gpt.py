@@ -1,0 +1,352 @@
+"""Llama-style decoder-only transformer, in one file with no distributed code.
+
+Design choices:
+- Pre-norm blocks: RMSNorm -> attention -> residual, RMSNorm -> SwiGLU MLP -> residual.
+  RMSNorm normalises in fp32 and casts back before the weight multiply, as HF Llama does,
+  so bf16 training and an exported checkpoint compute the same thing.
+- Module names match Hugging Face `LlamaForCausalLM` (`embed_tokens`, `layers.N.self_attn.q_proj`,
+  ...), so export is a rename: prefix `model.` on everything but `lm_head`. No biases.
+- RoPE uses HF's convention (rotate_half over the two halves of the head dim). cos/sin are
+  computed in fp32 on every forward rather than stored: DeepSpeed casts every floating
+  buffer to bf16, and bf16 angles are visibly wrong at long positions. The table is
+  T x head_dim/2 values, negligible next to the matmuls.
+- Grouped-query attention (`n_kv_heads` divides `n_heads`) goes straight to
+  `F.scaled_dot_product_attention`, which picks FlashAttention on GPU when it can.
+- `forward` takes labels already aligned with the inputs (labels[t] is the target for
+  position t; the data loader shifts) and returns the loss, so the logits never leave the
+  model in training. Without labels it returns the logits.
+- A preallocated `KVCache` serves sampling; positions start at `cache.length`, so a prompt
+  prefill and one-token steps take the same path.
+- Init: normal(0, init_std) everywhere, with the two projections that write into the
+  residual stream (`o_proj`, `down_proj`) scaled by 1/sqrt(2 * n_layers) so the residual
+  variance does not grow with depth (GPT-2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsfm.config import ModelConfig
+from dsfm.model.presets import _swiglu_hidden
+
+IGNORE_INDEX = -100
+
+
+def resolve_config(cfg: ModelConfig) -> ModelConfig:
+    """A copy of `cfg` with `n_kv_heads`/`ffn_hidden` filled in and the sizes checked."""
+    n_kv_heads = cfg.n_kv_heads if cfg.n_kv_heads is not None else cfg.n_heads
+    ffn_hidden = cfg.ffn_hidden if cfg.ffn_hidden is not None else _swiglu_hidden(cfg.d_model)
+    problems = []
+    if cfg.vocab_size <= 0:
+        problems.append(f"vocab_size must be positive, got {cfg.vocab_size}")
+    if cfg.n_heads <= 0 or cfg.d_model % cfg.n_heads:
+        problems.append(f"n_heads ({cfg.n_heads}) must divide d_model ({cfg.d_model})")
+    elif (cfg.d_model // cfg.n_heads) % 2:
+        problems.append(f"head_dim ({cfg.d_model // cfg.n_heads}) must be even for RoPE")
+    if n_kv_heads <= 0 or cfg.n_heads % n_kv_heads:
+        problems.append(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({cfg.n_heads})")
+    if problems:
+        raise ValueError("invalid model config: " + "; ".join(problems))
+    return dataclasses.replace(cfg, n_kv_heads=n_kv_heads, ffn_hidden=ffn_hidden)
+
+
+def non_embedding_params(cfg: ModelConfig) -> int:
+    """Parameter count without the token embedding and lm_head, from the config alone."""
+    cfg = resolve_config(cfg)
+    d, hd = cfg.d_model, cfg.head_dim
+    attn = d * cfg.n_heads * hd * 2 + d * cfg.n_kv_heads * hd * 2  # q, o + k, v
+    mlp = 3 * d * cfg.ffn_hidden
+    norms = 2 * d
+    return cfg.n_layers * (attn + mlp + norms) + d  # + final norm
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM appendix B.
+
+    6N for the weight matmuls (N = non-embedding parameters) plus 12 * L * d * T for the
+    attention scores and weighted sum, which grow with the context length T.
+    """
+    return 6.0 * non_embedding_params(cfg) + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+
+
+class KVCache:
+    """Preallocated keys/values per layer, shape (B, n_kv_heads, max_len, head_dim).
+
+    `length` is the number of positions filled; the model writes new keys at
+    [length, length + T) in every layer and advances `length` once after the last layer.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.length = 0
+
+    def update(
+        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v (B, n_kv_heads, T, hd) at the current position; return all keys so far."""
+        end = self.length + k.shape[2]
+        self.k[layer_idx][:, :, self.length:end] = k
+        self.v[layer_idx][:, :, self.length:end] = v
+        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Mean of squares in fp32: in bf16 it loses enough precision to shift the output.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (T, head_dim) in fp32 for the given integer positions."""
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+                  / head_dim)
+    )
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd): both halves rotate by the same angle
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, hd) by the angles in cos/sin (T, hd); the multiply runs in x's dtype."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads
+        self.head_dim = cfg.head_dim
+        self.dropout = cfg.dropout
+        d, hd = cfg.d_model, cfg.head_dim
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q = self.q_proj(x).view(B, T, self.n_heads, hd).transpose(1, 2)  # (B, n_heads, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        mask, is_causal = None, True
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, past + T, hd)
+            if T == 1:
+                is_causal = False  # one new query may see every cached key
+            elif past > 0:
+                # SDPA's is_causal aligns the triangle top-left, which is wrong once there
+                # are more keys than queries; query i sits at position past + i.
+                is_causal = False
+                q_pos = torch.arange(past, past + T, device=x.device)
+                k_pos = torch.arange(past + T, device=x.device)
+                mask = k_pos[None, :] <= q_pos[:, None]  # (T, past + T), True = attend
+
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, n_heads, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * hd)  # (B, T, n_heads * hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache))
+        x = x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg = resolve_config(cfg)
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-draw every weight from the global RNG (deterministic under torch.manual_seed)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scaled = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, mean=0.0, std=out_std if scaled else std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Loss (scalar, mean over labels != -100) when `labels` is given, else logits (B, T, V).
+
+        `labels[b, t]` is the target for position t (already shifted by the caller). With a
+        `cache`, the inputs continue the cached sequence and their keys/values are appended.
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        self._check_inputs(input_ids, past, cache)
+
+        positions = torch.arange(past, past + T, device=input_ids.device)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)  # (T, hd)
+
+        x = self.embed_tokens(input_ids)  # (B, T, d)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache)
+        x = self.norm(x)
+        if cache is not None:
+            cache.advance(T)
+
+        logits = self.lm_head(x)  # (B, T, V)
+        if labels is None:
+            return logits
+        # fp32 for the softmax: bf16 log-probs over a large vocabulary are too coarse.
+        return F.cross_entropy(
+            logits.float().view(B * T, -1), labels.reshape(B * T), ignore_index=IGNORE_INDEX
+        )
+
+    def _check_inputs(self, input_ids: torch.Tensor, past: int, cache: KVCache | None) -> None:
+        B, T = input_ids.shape
+        if past + T > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {past + T} tokens ({past} cached + {T} new) exceeds "
+                f"max_seq_len={self.cfg.max_seq_len}"
+            )
+        if cache is not None:
+            if past + T > cache.max_len:
+                raise ValueError(
+                    f"KV cache holds {cache.max_len} positions; {past} used + {T} new "
+                    "do not fit"
+                )
+            if cache.batch_size != B:
+                raise ValueError(f"batch size {B} does not match the cache's {cache.batch_size}")
+        if torch.compiler.is_compiling() or input_ids.numel() == 0:
+            return  # the id check syncs with the device; a compiled graph would break there
+        lo, hi = torch.aminmax(input_ids)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            raise ValueError(
+                f"token ids must lie in [0, {self.cfg.vocab_size}) (vocab_size); "
+                f"got min {lo}, max {hi}"
+            )
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache on the model's device and dtype (max_len defaults to max_seq_len)."""
+        p = next(self.parameters())
+        return KVCache(
+            self.cfg.n_layers,
+            batch_size,
+            self.cfg.n_kv_heads,
+            max_len if max_len is not None else self.cfg.max_seq_len,
+            self.cfg.head_dim,
+            device=p.device,
+            dtype=p.dtype,
+        )
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (shared tensors counted once).
+
+        non_embedding drops the token embedding and, when untied, the lm_head: the
+        convention of the scaling-law papers and of `flops_per_token`.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed_tokens.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token at this context length; see module-level `flops_per_token`."""
+        return flops_per_token(self.cfg, seq_len)
