@@ -1,0 +1,154 @@
+"""`dsfm <verb>`: prepare, train, generate, config. Thin: parse arguments, call the package."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dsfm.config import ConfigError
+
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_recipe(path: str) -> str:
+    """A recipe path as given, else relative to the dsfm source tree (ds_configs/, configs/)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return str(p)
+    candidate = SOURCE_ROOT / p
+    return str(candidate) if candidate.exists() else str(p)
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="training config YAML (e.g. configs/smoke.yaml)")
+    p.add_argument(
+        "--ds",
+        default="ds_configs/zero0.json",
+        help="DeepSpeed config JSON: how to run (default: ds_configs/zero0.json)",
+    )
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="config overrides, e.g. train.max_steps=100 data.path=data/stdlib",
+    )
+
+
+def train_main(args: argparse.Namespace) -> int:
+    from dsfm.trainer import run
+
+    config = find_recipe(args.config) if args.config else None
+    run(config, find_recipe(args.ds), args.overrides)
+    return 0
+
+
+def prepare_main(args: argparse.Namespace) -> int:
+    from dsfm.data.prepare import prepare
+
+    meta = prepare(
+        args.input,
+        args.out,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        text_key=args.text_key,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        max_bytes=args.max_bytes,
+        force=args.force,
+    )
+    s = meta["splits"]
+    print(
+        f"wrote {args.out}: vocab {meta['vocab_size']}, {meta['dtype']}, "
+        f"train {s['train']['tokens']:,} tokens / {s['train']['docs']:,} docs, "
+        f"val {s['val']['tokens']:,} tokens / {s['val']['docs']:,} docs"
+    )
+    return 0
+
+
+def generate_main(args: argparse.Namespace) -> int:
+    from dsfm.checkpoint import load_model
+    from dsfm.generate import sample
+
+    model, tokenizer = load_model(args.checkpoint, dtype=args.dtype)
+    ids = tokenizer.encode(args.prompt) or [tokenizer.eot_id]
+    new = sample(
+        model,
+        ids,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        eot_id=tokenizer.eot_id,
+        use_cache=not args.no_cache,
+    )
+    print(args.prompt + tokenizer.decode(new))
+    return 0
+
+
+def config_main(args: argparse.Namespace) -> int:
+    from dsfm.config import reference
+
+    print(reference())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsfm", description=__doc__)
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("prepare", help="tokenize a corpus into packed train/val token files")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="files, directories, globs, or `stdlib` (the embedded corpus)",
+    )
+    p.add_argument("--out", required=True, help="output dataset directory")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="reuse a tokenizer.json (path), or `byte`; default: train a BPE",
+    )
+    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size")
+    p.add_argument("--text-key", default="text", help="JSONL field holding the text")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="documents held out")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--max-bytes", type=int, default=None, help="cap on corpus bytes read")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=prepare_main)
+
+    p = sub.add_parser("train", help="pretrain in this process (same code as the launcher)")
+    add_train_args(p)
+    p.set_defaults(func=train_main)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("checkpoint", help="run dir, its checkpoints/ dir, or a tag dir")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--no-cache", action="store_true", help="recompute the context every token")
+    p.set_defaults(func=generate_main)
+
+    p = sub.add_parser("config", help="print the reference of every training setting")
+    p.set_defaults(func=config_main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"dsfm {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The one module that imports deepspeed.
+
+DeepSpeed JSONs under ds_configs/ say *how* to run (ZeRO stage, offload, precision);
+the batch sizes, optimizer hyper-parameters, clipping and the WarmupCosineLR schedule
+are "auto" there and filled here from the training config, so there is one source of
+truth. A concrete value in the JSON that disagrees with the training config is refused
+rather than silently winning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsfm.config import Config, ConfigError
+
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+import deepspeed  # noqa: E402  (DS_ACCELERATOR must be set before import)
+from deepspeed.accelerator import get_accelerator  # noqa: E402
+from deepspeed.utils import logger as ds_logger  # noqa: E402
+
+ds_logger.setLevel(os.environ.get("DSFM_DS_LOG_LEVEL", "WARNING"))
+# WarmupCosineLR warns when DeepSpeed itself reads the LR before the first step; not ours to fix.
+ds_logger.addFilter(lambda record: "before it has started" not in record.getMessage())
+
+
+def accelerator_name() -> str:
+    return get_accelerator().device_name()
+
+
+def device() -> torch.device:
+    name = accelerator_name()
+    if name == "cpu":
+        return torch.device("cpu")
+    return torch.device(name, int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed() -> None:
+    backend = (
+        "gloo" if accelerator_name() == "cpu" else get_accelerator().communication_backend_name()
+    )
+    if accelerator_name() != "cpu":
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def read_ds_config(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"DeepSpeed config {p} not found (see ds_configs/*.json)"])
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError([f"DeepSpeed config {p} is not valid JSON: {e}"]) from None
+
+
+def fill_ds_config(ds: dict[str, Any], cfg: Config, world_size: int) -> dict[str, Any]:
+    """Resolve every "auto" from the training config; refuse values that disagree with it."""
+    ds = copy.deepcopy(ds)
+    t, o, s = cfg.train, cfg.optim, cfg.schedule
+    problems: list[str] = []
+
+    def fill(section: dict[str, Any], key: str, value: Any, where: str) -> None:
+        current = section.get(key, "auto")
+        if current == "auto":
+            section[key] = value
+        elif current != value and not (isinstance(value, list) and list(current) == value):
+            problems.append(
+                f"DeepSpeed config sets {where}={current!r} but the training config "
+                f'implies {value!r}; set it to "auto" and change the training config'
+            )
+
+    fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "train_micro_batch_size_per_gpu")
+    fill(ds, "gradient_accumulation_steps", t.grad_accum, "gradient_accumulation_steps")
+    fill(ds, "train_batch_size", t.micro_batch_size * t.grad_accum * world_size, "train_batch_size")
+    fill(ds, "gradient_clipping", o.grad_clip, "gradient_clipping")
+
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    if opt.get("type", "").lower() not in ("adamw", "adam"):
+        problems.append(f"optimizer.type {opt.get('type')!r} is not supported; use AdamW")
+    params = opt.setdefault("params", {})
+    for key, value in [
+        ("lr", o.lr),
+        ("betas", list(o.betas)),
+        ("eps", o.eps),
+        ("weight_decay", o.weight_decay),
+    ]:
+        fill(params, key, value, f"optimizer.params.{key}")
+    params.setdefault("adam_w_mode", True)
+    if accelerator_name() == "cpu":
+        # DeepSpeed's FusedAdam would JIT-compile a CPU kernel (~80 s); torch's AdamW is the same
+        # algorithm. With optimizer offload DeepSpeed uses DeepSpeedCPUAdam regardless.
+        params.setdefault("torch_adam", True)
+
+    sched = ds.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {}})
+    if sched.get("type") != "WarmupCosineLR":
+        problems.append(
+            f"scheduler.type {sched.get('type')!r} is not supported; use WarmupCosineLR"
+        )
+    sp = sched.setdefault("params", {})
+    fill(sp, "total_num_steps", t.max_steps, "scheduler.params.total_num_steps")
+    fill(sp, "warmup_num_steps", s.warmup_steps, "scheduler.params.warmup_num_steps")
+    fill(sp, "cos_min_ratio", s.min_lr_ratio, "scheduler.params.cos_min_ratio")
+    sp.setdefault("warmup_min_ratio", 0.0)
+    sp.setdefault("warmup_type", "linear")
+
+    if t.precision is not None:
+        ds["bf16"] = {"enabled": t.precision == "bf16"}
+        fp16 = ds.get("fp16", {}) if t.precision == "fp16" else {}
+        ds["fp16"] = {**fp16, "enabled": t.precision == "fp16"}
+        if t.precision == "fp16":
+            ds["fp16"].setdefault("loss_scale", 0)  # dynamic loss scaling
+            ds["fp16"].setdefault("initial_scale_power", 16)
+    if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
+        problems.append("DeepSpeed config enables both bf16 and fp16; pick one (train.precision)")
+    leftover = _find_auto(ds)
+    if leftover:
+        problems.append(f'DeepSpeed config keys still "auto" that dsfm cannot fill: {leftover}')
+    if problems:
+        raise ConfigError(problems)
+    return ds
+
+
+def _find_auto(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _find_auto(v, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if node == "auto" else []
+
+
+def precision(ds: dict[str, Any]) -> str:
+    if ds.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if ds.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay only matrices (linear and embedding weights), never norms or biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def initialize(model: torch.nn.Module, ds: dict[str, Any], weight_decay: float) -> Any:
+    """Wrap the model in a DeepSpeed engine (optimizer and scheduler built from `ds`)."""
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, weight_decay), config=ds
+    )
+    return engine
+
+
+def versions() -> dict[str, str]:
+    import dsfm
+
+    return {
+        "dsfm": dsfm.__version__,
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+    }
+
+
+def grad_norm_before_step(engine: Any) -> float | None:
+    """Pre-clip global gradient norm for ZeRO-0, where DeepSpeed does not record it.
+
+    Call after the last micro-batch's backward (gradients are already averaged across
+    ranks) and before `engine.step()`; ZeRO 1-3 report the same quantity themselves.
+    """
+    if engine.zero_optimization_stage() != 0:
+        return None
+    norms = [
+        p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None
+    ]
+    return torch.stack(norms).norm().item() if norms else None
+
+
+def consolidated_state_dict(ckpt_dir: str | Path, tag: str, stage: int) -> dict[str, torch.Tensor]:
+    """Full fp32 (stage >= 1: from the fp32 master shards) model weights of a checkpoint tag."""
+    if stage >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(sys.stderr):  # it prints progress to stdout
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    else:
+        states = torch.load(
+            Path(ckpt_dir) / tag / "mp_rank_00_model_states.pt",
+            map_location="cpu",
+            weights_only=False,
+        )
+        sd = states["module"]
+    return {k: v.float() for k, v in sd.items()}

@@ -1,0 +1,344 @@
+"""The pretraining loop: build components, step, evaluate, sample, checkpoint, log.
+
+Everything else (config, data, model, DeepSpeed, checkpoint files, metrics) lives in
+its own module; this one only orchestrates. `launchers/pretrain.py` under `deepspeed`
+and `dsfm train` in one process both call `run()`.
+
+Exact resume: the whole training state is the DeepSpeed engine state (weights, ZeRO
+optimizer shards, LR schedule), the sampler's `consumed_samples`, per-rank RNG states
+and a few counters in the client state. Eval and sampling never touch the global RNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+
+from dsfm import checkpoint, dist, evaluate
+from dsfm import engine as ds_engine
+from dsfm.config import Config, ConfigError, load_config, save_config, to_dict
+from dsfm.data.dataset import TokenDataset
+from dsfm.data.sampler import Sampler
+from dsfm.generate import sample
+from dsfm.metrics import RunLogger, finite_or_none, mfu, peak_flops
+from dsfm.model.gpt import GPT
+from dsfm.tokenizer import Tokenizer
+
+
+def run(config_path: str | None, ds_path: str, overrides: list[str]) -> dict[str, Any]:
+    """Validate everything, then train. Returns the final summary (on every rank)."""
+    dist.ensure_env()
+    cfg, ds = resolve_configs(config_path, ds_path, overrides, dist.world_size())
+    ds_engine.init_distributed()
+    trainer = Trainer(cfg, ds)
+    return trainer.fit()
+
+
+def resolve_configs(
+    config_path: str | None, ds_path: str, overrides: list[str], world_size: int
+) -> tuple[Config, dict[str, Any]]:
+    """Both configs resolved, or one ConfigError listing every problem in either."""
+    problems: list[str] = []
+    cfg = None
+    try:
+        cfg = load_config(config_path, overrides, world_size=world_size)
+    except ConfigError as e:
+        problems += e.problems
+    try:
+        ds = ds_engine.read_ds_config(ds_path)
+        if cfg is not None:
+            ds = ds_engine.fill_ds_config(ds, cfg, world_size)
+    except ConfigError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigError(problems)
+    return cfg, ds
+
+
+MODEL_FIELDS_THAT_MUST_MATCH = (
+    "vocab_size",
+    "n_layers",
+    "d_model",
+    "n_heads",
+    "n_kv_heads",
+    "ffn_hidden",
+    "tie_embeddings",
+)
+
+
+def check_resume_compatible(saved: dict[str, Any], cfg: Config, where: Path) -> None:
+    diffs = [
+        f"model.{k}: checkpoint {saved['model'].get(k)!r} vs config {getattr(cfg.model, k)!r}"
+        for k in MODEL_FIELDS_THAT_MUST_MATCH
+        if saved["model"].get(k) != getattr(cfg.model, k)
+    ]
+    if diffs:
+        raise ConfigError(
+            [
+                f"{where} holds a different model than the config asks for; use a new "
+                "train.out_dir or restore the settings:",
+                *diffs,
+            ]
+        )
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ds: dict[str, Any]):
+        self.cfg, self.ds = cfg, ds
+        t = cfg.train
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.run_dir = Path(t.out_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.device = ds_engine.device()
+        self.global_batch = t.micro_batch_size * t.grad_accum * self.world
+
+        self.train_data = TokenDataset(cfg.data.path, "train", t.seq_len)
+        self.val_data = self._val_split()
+        self.tokenizer_path = Path(cfg.data.path) / "tokenizer.json"
+        self.tokenizer = Tokenizer.load(self.tokenizer_path)
+
+        resume_tag = checkpoint.latest_tag(self.ckpt_dir)
+        if resume_tag is not None:  # refuse a mismatched checkpoint before building anything
+            saved = checkpoint.client_state(self.ckpt_dir, resume_tag)
+            check_resume_compatible(saved["config"], cfg, self.ckpt_dir / resume_tag)
+
+        seed_everything(t.seed)  # same init on every rank
+        model = GPT(cfg.model)
+        self.flops_per_token = model.flops_per_token(t.seq_len)
+        self.n_params = model.num_params()
+        self.engine = ds_engine.initialize(model, ds, cfg.optim.weight_decay)
+        # DeepSpeed's WarmupCosineLR gives the first two updates lr=0; start one step in so
+        # update k (0-based) uses lr*(k+1)/warmup and the last update lands on min_lr_ratio.
+        self.engine.lr_scheduler.step(1)
+        seed_everything(t.seed + 1000 * self.rank)  # dropout streams differ per rank
+
+        self.sampler = Sampler(
+            len(self.train_data), self.global_batch, self.rank, self.world, seed=t.seed
+        )
+        self.step, self.tokens, self.elapsed_s = 0, 0, 0.0
+        self.best_val_loss = math.inf
+        self.peak = peak_flops(self.device)
+
+        if dist.is_rank0():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            (self.run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+            shutil.copyfile(self.tokenizer_path, self.run_dir / "tokenizer.json")
+        barrier()
+        if resume_tag is not None:
+            self._resume()
+
+    def _val_split(self) -> TokenDataset | None:
+        try:
+            data = TokenDataset(self.cfg.data.path, "val", self.cfg.train.seq_len)
+        except ValueError as e:
+            dist.print0(f"warning: no validation ({e})")
+            return None
+        if len(data) < self.world:
+            dist.print0(
+                f"warning: validation split has {len(data)} samples for {self.world} "
+                "ranks; skipping validation"
+            )
+            return None
+        return data
+
+    def _resume(self) -> None:
+        state = checkpoint.load(self.engine, self.ckpt_dir)
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.elapsed_s, self.best_val_loss = state["elapsed_s"], state["best_val_loss"]
+        self.sampler.load_state_dict(state["sampler"])
+        dist.print0(
+            f"resumed from {self.ckpt_dir / checkpoint.latest_tag(self.ckpt_dir)} "
+            f"at step {self.step}"
+        )
+
+    def client_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed_s": self.elapsed_s,
+            "best_val_loss": self.best_val_loss,
+            "sampler": self.sampler.state_dict(),
+            "config": to_dict(self.cfg),
+            "ds_config": self.ds,
+            "n_params": self.n_params,
+            "versions": ds_engine.versions(),
+        }
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> dict[str, Any]:
+        t, c = self.cfg.train, self.cfg.checkpoint
+        log = RunLogger(self.run_dir, dist.is_rank0(), t.max_steps, self.step)
+        if self.step >= t.max_steps:
+            log.print(f"run already complete at step {self.step} (raise train.max_steps to go on)")
+        log.print(
+            f"model {self.n_params / 1e6:.2f}M params | {self.world} rank(s) on "
+            f"{self.device.type} | ZeRO-{ds_engine.zero_stage(self.ds)} "
+            f"{ds_engine.precision(self.ds)} | global batch {self.global_batch} x "
+            f"{t.seq_len} tokens"
+        )
+        last_row: dict[str, Any] = {}
+        try:
+            end = min(t.max_steps, t.stop_at or t.max_steps)
+            while self.step < end:
+                row = self.train_step()
+                last = self.step == t.max_steps
+                if self.val_data is not None and (
+                    last or (self.cfg.eval.every and self.step % self.cfg.eval.every == 0)
+                ):
+                    row.update(self.evaluate(log))
+                log.log(row)
+                last_row = row
+                log.advance(
+                    self.step,
+                    f"loss {row['loss']:.3f} lr {row['lr']:.2e} "
+                    f"{row['tok_per_s'] / 1e3:.1f}k tok/s",
+                )
+                if t.log_every and (self.step % t.log_every == 0 or last):
+                    log.print(status_line(row, t.max_steps))
+                if not last and (self.step == end or (c.every and self.step % c.every == 0)):
+                    self.save(checkpoint.step_tag(self.step))
+            if last_row and self.step == t.max_steps:
+                self.save("final")
+        finally:
+            log.close()
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "best_val_loss": self.best_val_loss,
+            **{k: last_row.get(k) for k in ("loss", "val_loss")},
+        }
+
+    def train_step(self) -> dict[str, Any]:
+        t = self.cfg.train
+        start = time.perf_counter()
+        lr = self.engine.get_lr()[0]  # the LR this update will use
+        indices = self.sampler.next_indices()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for k in range(t.grad_accum):
+            batch = self.train_data.batch(
+                indices[k * t.micro_batch_size : (k + 1) * t.micro_batch_size]
+            )
+            batch = batch.to(self.device, non_blocking=True)
+            loss = self.engine(batch[:, :-1], labels=batch[:, 1:])
+            self.engine.backward(loss)
+            if k == t.grad_accum - 1:
+                stage0_norm = ds_engine.grad_norm_before_step(self.engine)
+            self.engine.step()
+            loss_sum += loss.detach().double()
+        loss_mean = all_reduce_mean(loss_sum / t.grad_accum)
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = stage0_norm if grad_norm is None else grad_norm
+        self.step += 1
+        self.tokens += self.global_batch * t.seq_len
+        dt = time.perf_counter() - start
+        self.elapsed_s += dt
+        tok_per_s = self.global_batch * t.seq_len / dt
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "loss": loss_mean,
+            "lr": lr,
+            "grad_norm": finite_or_none(float(grad_norm)) if grad_norm is not None else None,
+            "tok_per_s": tok_per_s,
+            "mfu": mfu(tok_per_s, self.flops_per_token, self.world, self.peak),
+            "elapsed_s": self.elapsed_s,
+            "epoch": self.sampler.epoch,
+        }
+
+    def evaluate(self, log: RunLogger) -> dict[str, Any]:
+        e = self.cfg.eval
+        self.engine.eval()
+        indices = evaluate.eval_indices(
+            self.val_data,
+            e.batches * self.cfg.train.micro_batch_size * self.world,
+            self.rank,
+            self.world,
+        )
+        loss = evaluate.mean_loss(
+            self.engine, self.val_data, indices, self.cfg.train.micro_batch_size, self.device
+        )
+        for i, prompt in enumerate(
+            e.prompts
+        ):  # every rank generates: ZeRO-3 forwards are collective
+            ids = self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
+            new = sample(
+                self.engine.module,
+                ids,
+                max_new_tokens=e.max_new_tokens,
+                temperature=e.temperature,
+                top_k=e.top_k,
+                seed=self.cfg.train.seed + i,
+                eot_id=self.tokenizer.eot_id,
+            )
+            log.sample(
+                {"step": self.step, "prompt": prompt, "completion": self.tokenizer.decode(new)}
+            )
+        self.engine.train()
+        if loss < self.best_val_loss:
+            self.best_val_loss = loss
+            if self.cfg.checkpoint.save_best:
+                self.save("best", update_latest=False)
+        return evaluate.summary(loss)
+
+    def save(self, tag: str, update_latest: bool = True) -> None:
+        checkpoint.save(
+            self.engine,
+            self.ckpt_dir,
+            tag,
+            self.client_state(),
+            tokenizer_path=self.tokenizer_path,
+            update_latest=update_latest,
+        )
+        barrier()
+        if dist.is_rank0():
+            checkpoint.prune(self.ckpt_dir, self.cfg.checkpoint.keep_last)
+        barrier()
+
+
+def status_line(row: dict[str, Any], max_steps: int) -> str:
+    parts = [
+        f"step {row['step']}/{max_steps}",
+        f"loss {row['loss']:.4f}",
+        f"lr {row['lr']:.2e}",
+        f"gnorm {row['grad_norm']:.3f}" if row.get("grad_norm") is not None else "gnorm -",
+        f"{row['tok_per_s'] / 1e3:.1f}k tok/s",
+    ]
+    if row.get("mfu") is not None:
+        parts.append(f"mfu {100 * row['mfu']:.1f}%")
+    if "val_loss" in row:
+        parts.append(f"val {row['val_loss']:.4f} (ppl {row['val_ppl']:.1f})")
+    return " | ".join(parts)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def barrier() -> None:
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def all_reduce_mean(x: torch.Tensor) -> float:
+    if (
+        torch_dist.is_available()
+        and torch_dist.is_initialized()
+        and torch_dist.get_world_size() > 1
+    ):
+        x = x.clone()
+        torch_dist.all_reduce(x)
+        x /= torch_dist.get_world_size()
+    return float(x.item())

@@ -1,0 +1,102 @@
+"""Shared fixtures: small real datasets and a runner for real (multi-process) DeepSpeed jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+# A tiny model that still has every part (GQA, RoPE, SwiGLU); fp32 so runs compare exactly.
+TINY = [
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.max_seq_len=64",
+    "train.seq_len=32",
+    "train.micro_batch_size=4",
+    "train.grad_accum=2",
+    "train.precision=fp32",
+    "optim.lr=3e-3",
+    "schedule.warmup_steps=2",
+    "eval.batches=2",
+    "eval.max_new_tokens=8",
+    "eval.prompts=[def ]",
+    "train.log_every=1",
+]
+
+
+def job_env() -> dict[str, str]:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def run_cmd(cmd: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n"
+            f"{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def deepspeed_train(
+    ds: str, overrides: list[str], nprocs: int = 2, port: int = 29510, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Real DeepSpeed launcher, real ranks: `deepspeed --num_gpus N launchers/pretrain.py`."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(nprocs),
+        "--master_port",
+        str(port),
+        "launchers/pretrain.py",
+        "--ds",
+        f"ds_configs/{ds}.json",
+        *overrides,
+    ]
+    return run_cmd(cmd, check=check)
+
+
+def dsfm(*args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    return run_cmd([sys.executable, "-m", "dsfm.cli", *args], check=check, timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def byte_data(tmp_path_factory) -> Path:
+    """~400 KB of the embedded corpus, byte-level tokens (vocab 257)."""
+    from dsfm.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "stdlib_bytes"
+    prepare(["stdlib"], out, tokenizer="byte", max_bytes=400_000, val_fraction=0.05, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bpe_data(tmp_path_factory) -> Path:
+    """~2 MB of the embedded corpus with a trained 2048-token BPE."""
+    from dsfm.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "stdlib_bpe"
+    prepare(
+        ["stdlib"], out, vocab_size=2048, max_bytes=2_000_000, val_fraction=0.02, progress=False
+    )
+    return out
