@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dsfm",
+    version="0.1.0",
+    description="Train decoder-only transformer language models from scratch on DeepSpeed",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dsfm", "dsfm.*"]),
+    install_requires=[
+        "torch>=2.4",          # a range, so a user's existing CUDA build is kept
+        "deepspeed>=0.16",
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "rich>=13",
+        "tokenizers>=0.19",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout", "ruff", "transformers>=4.45", "safetensors"],
+    },
+    entry_points={"console_scripts": ["dsfm=dsfm.cli:main"]},
+)
