@@ -1,0 +1,72 @@
+"""Checkpoint bookkeeping that needs no engine: pruning, locating tags, client state, groups."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dsfm import checkpoint
+from dsfm.config import ModelConfig
+from dsfm.engine import param_groups
+from dsfm.model.gpt import GPT
+
+
+def make_tag(ckpt_dir, tag, state=None):
+    (ckpt_dir / tag).mkdir(parents=True)
+    (ckpt_dir / tag / checkpoint.STATE_FILE).write_text(json.dumps(state or {"step": 0}))
+
+
+def test_prune_keeps_last_k_and_protected_tags(tmp_path):
+    for step in (100, 200, 300, 400):
+        make_tag(tmp_path, checkpoint.step_tag(step))
+    make_tag(tmp_path, "best")
+    make_tag(tmp_path, "final")
+    (tmp_path / "latest").write_text(checkpoint.step_tag(100))  # e.g. a rolled-back latest
+    deleted = checkpoint.prune(tmp_path, keep_last=2)
+    assert deleted == [checkpoint.step_tag(200)]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        "best",
+        "final",
+        "step_00000100",
+        "step_00000300",
+        "step_00000400",
+    ]
+
+
+def test_resolve_run_dir_checkpoints_dir_and_tag(tmp_path):
+    ckpts = tmp_path / "run" / "checkpoints"
+    make_tag(ckpts, "step_00000010")
+    (ckpts / "latest").write_text("step_00000010")
+    for path in (tmp_path / "run", ckpts, ckpts / "step_00000010"):
+        assert checkpoint.resolve(path) == (ckpts, "step_00000010")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        checkpoint.resolve(tmp_path / "nope")
+    (ckpts / "latest").write_text("step_00000099")  # points at a tag that never completed
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        checkpoint.resolve(tmp_path / "run")
+
+
+def test_client_state_errors_are_clear(tmp_path):
+    (tmp_path / "t").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a complete dsfm checkpoint"):
+        checkpoint.client_state(tmp_path, "t")
+    (tmp_path / "t" / checkpoint.STATE_FILE).write_text("{truncated")
+    with pytest.raises(ValueError, match="is corrupt"):
+        checkpoint.client_state(tmp_path, "t")
+
+
+def test_weight_decay_only_on_matrices():
+    model = GPT(ModelConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=2, max_seq_len=16))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(
+        p.dim() == 1 for p in no_decay["params"]
+    )
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)].rsplit(".", 1)[0].split(".")[-1] for p in no_decay["params"]} == {
+        "input_layernorm",
+        "post_attention_layernorm",
+        "norm",
+    }
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
