@@ -14,7 +14,6 @@ import dataclasses
 import difflib
 import inspect
 import json
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -525,8 +524,3 @@ def reference() -> str:
             )
         lines.append("")
     return "\n".join(lines)
-
-
-def env_overrides() -> list[str]:
-    """Extra overrides from DSFM_OVERRIDES (space-separated), handy under launchers."""
-    return os.environ.get("DSFM_OVERRIDES", "").split()

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from dsfm import dist
 from dsfm.config import Config, ConfigError
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -40,7 +41,7 @@ def device() -> torch.device:
     name = accelerator_name()
     if name == "cpu":
         return torch.device("cpu")
-    return torch.device(name, int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name, dist.local_rank())
 
 
 def init_distributed() -> None:
@@ -48,7 +49,7 @@ def init_distributed() -> None:
         "gloo" if accelerator_name() == "cpu" else get_accelerator().communication_backend_name()
     )
     if accelerator_name() != "cpu":
-        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        get_accelerator().set_device(dist.local_rank())
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -111,13 +110,3 @@ class RunLogger:
             self.progress.stop()
         self.metrics.close()
         self.samples.close()
-
-
-class Timer:
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-
-    def lap(self) -> float:
-        now = time.perf_counter()
-        dt, self.start = now - self.start, now
-        return dt
