@@ -37,11 +37,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def train_main(args: argparse.Namespace) -> int:
-    from dsfm.trainer import run
+    from dsfm.trainer import EXIT_REQUEUE, run
 
     config = find_recipe(args.config) if args.config else None
-    run(config, find_recipe(args.ds), args.overrides)
-    return 0
+    summary = run(config, find_recipe(args.ds), args.overrides)
+    return EXIT_REQUEUE if summary.get("preempted") else 0
 
 
 def prepare_main(args: argparse.Namespace) -> int:

@@ -4,6 +4,11 @@ Everything else (config, data, model, DeepSpeed, checkpoint files, metrics) live
 its own module; this one only orchestrates. `launchers/pretrain.py` under `deepspeed`
 and `dsfm train` in one process both call `run()`.
 
+Preemption: SIGUSR1 (Slurm's `--signal`) or SIGTERM makes every rank finish the current
+step, save a checkpoint and exit with EXIT_REQUEUE, which the sbatch scripts read as "put
+me back in the queue"; a second signal exits at once. Ranks agree on stopping through the
+same all-reduce that averages the loss, so a signal seen by one rank stops all of them.
+
 Exact resume: the whole training state is the DeepSpeed engine state (weights, ZeRO
 optimizer shards, LR schedule), the sampler's `consumed_samples`, per-rank RNG states
 and a few counters in the client state. Eval and sampling never touch the global RNG.
@@ -13,8 +18,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +40,9 @@ from dsfm.generate import sample
 from dsfm.metrics import RunLogger, finite_or_none, mfu, peak_flops
 from dsfm.model.gpt import GPT
 from dsfm.tokenizer import Tokenizer
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by a signal after saving; run again to continue
+EXIT_ABORTED = 143  # a second signal: stopped at once, no checkpoint
 
 
 def run(config_path: str | None, ds_path: str, overrides: list[str]) -> dict[str, Any]:
@@ -188,10 +199,12 @@ class Trainer:
             f"{t.seq_len} tokens"
         )
         last_row: dict[str, Any] = {}
+        stop = StopSignal()
         try:
             end = min(t.max_steps, t.stop_at or t.max_steps)
             while self.step < end:
-                row = self.train_step()
+                row = self.train_step(stop.received)
+                stopping = row.pop("stop")
                 last = self.step == t.max_steps
                 if self.val_data is not None and (
                     last or (self.cfg.eval.every and self.step % self.cfg.eval.every == 0)
@@ -206,11 +219,20 @@ class Trainer:
                 )
                 if t.log_every and (self.step % t.log_every == 0 or last):
                     log.print(status_line(row, t.max_steps))
+                if stopping and not last:
+                    self.save(checkpoint.step_tag(self.step))
+                    log.print(
+                        f"stop signal: saved step {self.step}, exiting with status "
+                        f"{EXIT_REQUEUE} (run again to continue)"
+                    )
+                    log.log({"step": self.step, "event": "preempted"})
+                    return {"step": self.step, "tokens": self.tokens, "preempted": True}
                 if not last and (self.step == end or (c.every and self.step % c.every == 0)):
                     self.save(checkpoint.step_tag(self.step))
             if last_row and self.step == t.max_steps:
                 self.save("final")
         finally:
+            stop.restore()
             log.close()
         return {
             "step": self.step,
@@ -219,7 +241,7 @@ class Trainer:
             **{k: last_row.get(k) for k in ("loss", "val_loss")},
         }
 
-    def train_step(self) -> dict[str, Any]:
+    def train_step(self, stop_requested: bool = False) -> dict[str, Any]:
         t = self.cfg.train
         start = time.perf_counter()
         lr = self.engine.get_lr()[0]  # the LR this update will use
@@ -236,7 +258,7 @@ class Trainer:
                 stage0_norm = ds_engine.grad_norm_before_step(self.engine)
             self.engine.step()
             loss_sum += loss.detach().double()
-        loss_mean = all_reduce_mean(loss_sum / t.grad_accum)
+        loss_mean, stop = reduce_step(loss_sum / t.grad_accum, stop_requested)
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = stage0_norm if grad_norm is None else grad_norm
         self.step += 1
@@ -254,6 +276,7 @@ class Trainer:
             "mfu": mfu(tok_per_s, self.flops_per_token, self.world, self.peak),
             "elapsed_s": self.elapsed_s,
             "epoch": self.sampler.epoch,
+            "stop": stop,
         }
 
     def evaluate(self, log: RunLogger) -> dict[str, Any]:
@@ -332,13 +355,38 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
-def all_reduce_mean(x: torch.Tensor) -> float:
-    if (
-        torch_dist.is_available()
-        and torch_dist.is_initialized()
-        and torch_dist.get_world_size() > 1
-    ):
-        x = x.clone()
+def reduce_step(loss: torch.Tensor, stop_requested: bool) -> tuple[float, bool]:
+    """Mean loss over ranks and whether any rank was asked to stop, in one all-reduce."""
+    x = torch.stack(
+        [
+            loss.double(),
+            torch.tensor(float(stop_requested), dtype=torch.float64, device=loss.device),
+        ]
+    )
+    world = 1
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        world = torch_dist.get_world_size()
         torch_dist.all_reduce(x)
-        x /= torch_dist.get_world_size()
-    return float(x.item())
+    return x[0].item() / world, x[1].item() > 0
+
+
+class StopSignal:
+    """SIGUSR1/SIGTERM ask for a checkpoint and a clean exit; a second one exits at once."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received = False
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # handlers need the main thread
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received:
+            os._exit(EXIT_ABORTED)
+        self.received = True
+        dist.print0(f"received {signal.Signals(signum).name}: stopping after this step")
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
