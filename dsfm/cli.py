@@ -89,9 +89,17 @@ def generate_main(args: argparse.Namespace) -> int:
 
 
 def config_main(args: argparse.Namespace) -> int:
-    from dsfm.config import reference
+    from dsfm.config import load_config, reference, to_dict
 
-    print(reference())
+    if args.get is None:
+        print(reference())
+        return 0
+    config = find_recipe(args.config) if args.config else None
+    cfg = to_dict(load_config(config, args.overrides, check_data=False))
+    section, _, key = args.get.partition(".")
+    if section not in cfg or key not in cfg[section]:
+        raise ValueError(f"--get {args.get}: no such setting (see `dsfm config`)")
+    print(cfg[section][key])
     return 0
 
 
@@ -136,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="recompute the context every token")
     p.set_defaults(func=generate_main)
 
-    p = sub.add_parser("config", help="print the reference of every training setting")
+    p = sub.add_parser("config", help="print every setting's reference, or one resolved value")
+    p.add_argument("--config", help="training config YAML")
+    p.add_argument("--get", metavar="SECTION.FIELD", help="print this resolved value")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.set_defaults(func=config_main)
     return parser
 

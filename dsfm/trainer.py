@@ -47,8 +47,9 @@ EXIT_ABORTED = 143  # a second signal: stopped at once, no checkpoint
 
 def run(config_path: str | None, ds_path: str, overrides: list[str]) -> dict[str, Any]:
     """Validate everything, then train. Returns the final summary (on every rank)."""
-    dist.ensure_env()
+    launch = dist.ensure_env()
     cfg, ds = resolve_configs(config_path, ds_path, overrides, dist.world_size())
+    dist.print0(dist.describe(launch))
     ds_engine.init_distributed()
     trainer = Trainer(cfg, ds)
     return trainer.fit()
