@@ -91,11 +91,22 @@ class TokenDataset:
                 f"sample of seq_len={seq_len} needs {seq_len + 1}; use a shorter seq_len, or "
                 f"more data / a larger val_fraction in `dsfm prepare`"
             )
-        self._tokens = self._open()
+        self._tokens, self._mask = self._open()
 
-    def _open(self) -> np.memmap:
+    def _open(self) -> tuple[np.memmap, np.memmap | None]:
         path = self.data_dir / f"{self.split}.bin"
-        return np.memmap(path, dtype=np.dtype(self.meta["dtype"]), mode="r", shape=(self.n_tokens,))
+        tokens = np.memmap(
+            path, dtype=np.dtype(self.meta["dtype"]), mode="r", shape=(self.n_tokens,)
+        )
+        mask = None
+        if self.meta.get("loss_mask"):  # instruction data: learn only the marked tokens
+            mask_path = self.data_dir / f"{self.split}.mask"
+            if not mask_path.is_file() or mask_path.stat().st_size != self.n_tokens:
+                raise ValueError(
+                    f"{mask_path} is missing or not one byte per token; re-run the data preparation"
+                )
+            mask = np.memmap(mask_path, dtype=np.uint8, mode="r", shape=(self.n_tokens,))
+        return tokens, mask
 
     def __len__(self) -> int:
         return (self.n_tokens - 1) // self.seq_len
@@ -117,17 +128,38 @@ class TokenDataset:
         window = starts[:, None] + np.arange(self.seq_len + 1)  # (B, seq_len + 1)
         return torch.from_numpy(np.array(self._tokens[window], dtype=np.int64))
 
+    def inputs_and_labels(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs (B, seq_len) and next-token labels (B, seq_len); tokens outside the
+        dataset's loss mask (prompts, in instruction data) get label -100."""
+        starts = np.array([self._start(int(i)) for i in indices], dtype=np.int64)
+        window = starts[:, None] + np.arange(self.seq_len + 1)  # (B, seq_len + 1)
+        tokens = torch.from_numpy(np.array(self._tokens[window], dtype=np.int64))
+        if self._mask is None:
+            return tokens[:, :-1], tokens[:, 1:]
+        return masked_labels(tokens, torch.from_numpy(np.array(self._mask[window])))
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        del state["_tokens"]
+        del state["_tokens"], state["_mask"]
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._tokens = self._open()
+        self._tokens, self._mask = self._open()
 
     def __repr__(self) -> str:
         return (
             f"TokenDataset({str(self.data_dir)!r}, split={self.split!r}, seq_len={self.seq_len}, "
             f"samples={len(self)}, tokens={self.n_tokens})"
         )
+
+
+def masked_labels(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels) from windows of T+1 tokens and their mask, shape (..., T) each.
+
+    `labels[t] = tokens[t+1]` where `mask[t+1]` is 1, else -100, so the loss only sees the
+    tokens the model must learn to produce.
+    """
+    targets = tokens[..., 1:]
+    labels = torch.where(mask[..., 1:].bool(), targets, torch.full_like(targets, -100))
+    return tokens[..., :-1], labels

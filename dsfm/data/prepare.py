@@ -34,6 +34,7 @@ import shutil
 import uuid
 from array import array
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -159,8 +160,10 @@ def _decode_utf8(raw: bytes, where: str, start_offset: int = 0) -> str:
         ) from None
 
 
-def _jsonl_documents(path: str, text_key: str, stats: SourceStats) -> Iterator[tuple[str, int]]:
-    n_bytes = 0  # bytes consumed since the last document, for progress
+def jsonl_records(path: str, stats: SourceStats) -> Iterator[tuple[object, str, int]]:
+    """Yield `(record, "file:line", input bytes consumed since the last record)` per non-blank
+    line; bad UTF-8 and bad JSON are errors naming the file and line."""
+    n_bytes = 0  # bytes consumed since the last record, for progress
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
             line_offset = stats.bytes
@@ -177,18 +180,26 @@ def _jsonl_documents(path: str, text_key: str, stats: SourceStats) -> Iterator[t
                     f"{where}: invalid JSON ({e.msg} at column {e.colno}); "
                     f"each line of a .jsonl file must be one JSON object"
                 ) from None
-            if not isinstance(record, dict) or text_key not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(
-                    f"{where}: no {text_key!r} key (found {keys}); "
-                    f"set text_key to the field that holds the document text"
-                )
-            text = record[text_key]
-            if not isinstance(text, str):
-                raise ValueError(f"{where}: {text_key!r} is a {type(text).__name__}, not a string")
-            if text:
-                yield text, n_bytes
-                n_bytes = 0
+            yield record, where, n_bytes
+            n_bytes = 0
+
+
+def _jsonl_documents(path: str, text_key: str, stats: SourceStats) -> Iterator[tuple[str, int]]:
+    pending = 0  # bytes of skipped empty documents, counted with the next one
+    for record, where, n_bytes in jsonl_records(path, stats):
+        pending += n_bytes
+        if not isinstance(record, dict) or text_key not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise ValueError(
+                f"{where}: no {text_key!r} key (found {keys}); "
+                f"set text_key to the field that holds the document text"
+            )
+        text = record[text_key]
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: {text_key!r} is a {type(text).__name__}, not a string")
+        if text:
+            yield text, pending
+            pending = 0
 
 
 def read_documents(
@@ -425,6 +436,41 @@ def _tokenize_sources(
     return source_records
 
 
+@contextmanager
+def staged_dir(out_dir: Path, force: bool) -> Iterator[Path]:
+    """A temp dir beside `out_dir`, renamed into place when the block succeeds, removed if
+    it fails: a dataset appears whole or not at all."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # A plain mkdir (not mkdtemp) so the final directory gets the usual umask permissions.
+    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp_dir.mkdir()
+    try:
+        yield tmp_dir
+        _publish(tmp_dir, out_dir, force)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+
+
+def write_meta(
+    tmp_dir: Path, tok: Tokenizer, splits: dict, sources: list[dict], **extra: object
+) -> dict:
+    """Save the tokenizer and `meta.json` (the fields every dataset has, plus `extra`)."""
+    tok.save(tmp_dir)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "vocab_size": tok.vocab_size,
+        "eot_id": tok.eot_id,
+        "dtype": token_dtype(tok.vocab_size).name,
+        "tokenizer": TOKENIZER_FILE,
+        "splits": splits,
+        "sources": sources,
+        **extra,
+    }
+    (tmp_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
 def _publish(tmp_dir: Path, out_dir: Path, force: bool) -> None:
     """Rename the finished `tmp_dir` to `out_dir`, replacing an old dataset if forced."""
     if not (out_dir.exists() or out_dir.is_symlink()):
@@ -524,33 +570,19 @@ def prepare(
         raise ValueError(f"empty corpus: every input file is empty ({[s.path for s in sources]})")
     tok = _resolve_tokenizer(tokenizer)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # A plain mkdir (not mkdtemp) so the final directory gets the usual umask permissions.
-    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp_dir.mkdir()
-    try:
-        with _make_progress(progress) as bar:
-            if tok is None:
-                tok = _train_tokenizer(sources, text_key, max_bytes, vocab_size, bar)
-            splits, source_records = _write_splits(
-                tmp_dir, sources, tok, text_key, max_bytes, val_fraction, seed, bar
-            )
-        tok.save(tmp_dir)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "vocab_size": tok.vocab_size,
-            "eot_id": tok.eot_id,
-            "dtype": token_dtype(tok.vocab_size).name,
-            "tokenizer": TOKENIZER_FILE,
-            "splits": splits,
-            "sources": source_records,
-            "text_key": text_key,
-            "val_fraction": val_fraction,
-            "seed": seed,
-        }
-        (tmp_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        _publish(tmp_dir, out_dir, force)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+    with staged_dir(out_dir, force) as tmp_dir, _make_progress(progress) as bar:
+        if tok is None:
+            tok = _train_tokenizer(sources, text_key, max_bytes, vocab_size, bar)
+        splits, source_records = _write_splits(
+            tmp_dir, sources, tok, text_key, max_bytes, val_fraction, seed, bar
+        )
+        meta = write_meta(
+            tmp_dir,
+            tok,
+            splits,
+            source_records,
+            text_key=text_key,
+            val_fraction=val_fraction,
+            seed=seed,
+        )
     return meta

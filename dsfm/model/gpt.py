@@ -292,9 +292,13 @@ class GPT(nn.Module):
         if labels is None:
             return logits
         # fp32 for the softmax: bf16 log-probs over a large vocabulary are too coarse.
-        return F.cross_entropy(
-            logits.float().view(B * T, -1), labels.reshape(B * T), ignore_index=IGNORE_INDEX
+        # Sum / count rather than "mean": a batch whose targets are all masked (a prompt-only
+        # window of instruction data) gives 0 instead of NaN.
+        labels = labels.reshape(B * T)
+        total = F.cross_entropy(
+            logits.float().view(B * T, -1), labels, ignore_index=IGNORE_INDEX, reduction="sum"
         )
+        return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
     def _check_inputs(self, input_ids: torch.Tensor, past: int, cache: KVCache | None) -> None:
         B, T = input_ids.shape
