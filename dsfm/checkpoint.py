@@ -12,6 +12,7 @@ state. The tokenizer is copied into every tag so a checkpoint is self-describing
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -25,6 +26,7 @@ from dsfm import dist
 
 STEP_TAG = re.compile(r"^step_(\d+)$")
 STATE_FILE = "dsfm_state.json"
+PLAIN_WEIGHTS = "model.safetensors"
 
 
 def step_tag(step: int) -> str:
@@ -139,10 +141,73 @@ def client_state(ckpt_dir: Path, tag: str) -> dict[str, Any]:
         raise ValueError(f"{f} is corrupt ({e}); resume from an earlier tag") from None
 
 
+def save_plain(
+    out_dir: str | Path,
+    weights: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    tokenizer_path: str | Path,
+) -> Path:
+    """A plain checkpoint: `model.safetensors` + `dsfm_state.json` + `tokenizer.json`.
+
+    What merge and import write, and a starting point for fine-tuning or continued
+    pretraining. `state` must hold the resolved "config". Written to a temp dir and renamed,
+    so a failure leaves nothing; an existing directory is refused.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose a new output directory")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True)
+    try:
+        # clone: safetensors refuses tensors sharing storage (tied embeddings)
+        tensors = {k: v.detach().cpu().clone() for k, v in weights.items()}
+        save_file(tensors, str(tmp / PLAIN_WEIGHTS))
+        os.chmod(tmp / PLAIN_WEIGHTS, 0o644)  # safetensors writes 0600; match the other files
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_weights(ckpt_dir: Path, tag: str, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a DeepSpeed tag (any ZeRO stage) or a plain checkpoint."""
+    plain = ckpt_dir / tag / PLAIN_WEIGHTS
+    if plain.is_file():
+        from safetensors.torch import load_file
+
+        weights = {k: v.float() for k, v in load_file(str(plain)).items()}
+    else:
+        from dsfm.engine import consolidated_state_dict, zero_stage
+
+        weights = consolidated_state_dict(ckpt_dir, tag, zero_stage(state["ds_config"]))
+    lora = state["config"].get("lora", {})
+    if lora.get("rank", 0) > 0:  # adapters folded in: callers always see plain Llama weights
+        from dsfm.lora import merge_state_dict
+
+        weights = merge_state_dict(weights, lora["alpha"] / lora["rank"])
+    return weights
+
+
+def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: Path) -> None:
+    """Strict load that tolerates a tied LM head being absent; clear error otherwise."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(
+            f"weights in {where} do not fit the model (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]})"
+        )
+
+
 def load_model(path: str | Path, dtype: str = "fp32") -> tuple[Any, Any]:
-    """(GPT in eval mode, Tokenizer) from any ZeRO stage's checkpoint, in one process."""
+    """(GPT in eval mode, Tokenizer) from any ZeRO stage's checkpoint or a plain one."""
     from dsfm.config import from_dict
-    from dsfm.engine import consolidated_state_dict, zero_stage
     from dsfm.model.gpt import GPT
     from dsfm.tokenizer import Tokenizer
 
@@ -150,13 +215,6 @@ def load_model(path: str | Path, dtype: str = "fp32") -> tuple[Any, Any]:
     state = client_state(ckpt_dir, tag)
     cfg = from_dict(state["config"])
     model = GPT(cfg.model)
-    weights = consolidated_state_dict(ckpt_dir, tag, zero_stage(state["ds_config"]))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not (cfg.model.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {ckpt_dir / tag} does not fit its own model config "
-            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
+    load_into(model, load_weights(ckpt_dir, tag, state), ckpt_dir / tag)
     model.to(torch.bfloat16 if dtype == "bf16" else torch.float32).eval()
     return model, Tokenizer.load(ckpt_dir / tag)

@@ -1,20 +1,45 @@
-"""Validation loss over a fixed set of samples, averaged over every rank.
+"""Validation loss, perplexity and bits per byte over a fixed set of samples, on every rank.
 
-The set is the first `n` samples of the split (the same every time, so evals are
-comparable across steps and runs), split contiguously across ranks so each rank runs the
-same number of forward passes (ZeRO-3 forwards are collective).
+Design choices:
+- The set is the first `n` samples of the split (the same every time, so evals are
+  comparable across steps and runs), split contiguously across ranks. In training
+  (`eval_indices`) every rank runs the same number of forward passes, since ZeRO-3
+  forwards are collective; a standalone eval (`evaluate_checkpoint`) runs a plain model, so
+  its ranks may differ by one sample and every sample of the split is used.
+- One loop (`loss_totals`) sums nats, target tokens and target bytes in float64 on the
+  device and all-reduces them once; `mean_loss` and `evaluate_checkpoint` are views of it.
+  Sums, not means of means, so the result does not depend on how samples are sharded.
+  Labels the dataset masks out (-100: prompts in instruction data) count nowhere.
+- Bits per byte = total nats / ln 2 / total UTF-8 bytes of the targets. Unlike loss and
+  perplexity it does not depend on the tokenizer, so models with different vocabularies
+  compare on the same text. Special tokens (EOT, chat markers) stand for no text and count
+  0 bytes, while their loss still counts: the model has to predict document ends too.
+- A token's byte count comes from its byte-level symbols (one symbol per byte), not from
+  decoding it alone: a token holding half of a UTF-8 character decodes to U+FFFD (3 bytes)
+  but stands for 1 or 2 bytes. This is exact for every dsfm tokenizer (byte-level BPE and
+  the byte tokenizer); other kinds (sentencepiece-style, imported) are counted best-effort.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as torch_dist
 
 from dsfm.data.dataset import TokenDataset
+from dsfm.model.gpt import IGNORE_INDEX
+from dsfm.tokenizer import TOKENIZER_FILE, Tokenizer
+
+LN2 = math.log(2.0)
+BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")  # sentencepiece's raw-byte tokens
+METASPACE = "\u2581"  # sentencepiece's visible space
 
 
 def eval_indices(dataset: TokenDataset, n_samples: int, rank: int, world_size: int) -> list[int]:
@@ -23,7 +48,43 @@ def eval_indices(dataset: TokenDataset, n_samples: int, rank: int, world_size: i
     return list(range(rank * per_rank, (rank + 1) * per_rank))
 
 
+def shard_indices(n_samples: int, rank: int, world_size: int) -> list[int]:
+    """Rank's contiguous slice of `range(n_samples)`; slices differ in length by at most one."""
+    return list(range(n_samples * rank // world_size, n_samples * (rank + 1) // world_size))
+
+
 @torch.no_grad()
+def loss_totals(
+    forward: Callable[..., torch.Tensor],
+    dataset: TokenDataset,
+    indices: list[int],
+    micro_batch_size: int,
+    device: torch.device,
+    byte_lengths: np.ndarray | None = None,
+) -> tuple[float, int, int]:
+    """(nats, target tokens, target bytes) summed over `indices` and all-reduced across ranks.
+
+    `forward(inputs, labels=labels)` returns the mean loss over labels != -100. Bytes are
+    0 unless `byte_lengths` (bytes per token id, see `token_byte_lengths`) is given.
+    """
+    total = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
+    lengths = torch.from_numpy(byte_lengths) if byte_lengths is not None else None
+    for start in range(0, len(indices), micro_batch_size):
+        inputs, labels = dataset.inputs_and_labels(indices[start : start + micro_batch_size])
+        counted = labels != IGNORE_INDEX  # (B, T)
+        n_tokens = int(counted.sum())
+        n_bytes = int(lengths[labels.clamp(min=0)][counted].sum()) if lengths is not None else 0
+        loss = forward(inputs.to(device), labels=labels.to(device))
+        # Accumulated on the device: no host sync per batch.
+        total[0] += loss.detach().double() * n_tokens
+        total[1] += n_tokens
+        total[2] += n_bytes
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.all_reduce(total)
+    nats, tokens, n_bytes = total.tolist()
+    return nats, int(tokens), int(n_bytes)
+
+
 def mean_loss(
     forward: Callable[..., torch.Tensor],
     dataset: TokenDataset,
@@ -32,15 +93,8 @@ def mean_loss(
     device: torch.device,
 ) -> float:
     """Token-mean cross-entropy over `indices` on this rank, all-reduced across ranks."""
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for start in range(0, len(indices), micro_batch_size):
-        batch = dataset.batch(indices[start : start + micro_batch_size]).to(device)
-        loss = forward(batch[:, :-1], labels=batch[:, 1:])
-        n = batch[:, 1:].numel()
-        total += torch.tensor([loss.double().item() * n, n], dtype=torch.float64, device=device)
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.all_reduce(total)
-    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+    nats, tokens, _ = loss_totals(forward, dataset, indices, micro_batch_size, device)
+    return nats / tokens if tokens > 0 else float("nan")
 
 
 def perplexity(loss: float) -> float:
@@ -49,3 +103,143 @@ def perplexity(loss: float) -> float:
 
 def summary(loss: float) -> dict[str, Any]:
     return {"val_loss": loss, "val_ppl": perplexity(loss)}
+
+
+# ---------------------------------------------------------------------------------------
+# Bits per byte
+
+
+def _decoder_types(hf_tokenizer: Any) -> set[str]:
+    """The decoder's type and, for a Sequence, its parts' types (e.g. {"ByteLevel"})."""
+    decoder = json.loads(hf_tokenizer.to_str()).get("decoder") or {}
+    return {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders", [])}
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes of text that each token id stands for, shape (vocab_size,), int64.
+
+    Special tokens count 0; other added tokens count their content. For byte-level BPE each
+    symbol of a token is one byte, so a token that holds part of a multi-byte character
+    counts exactly the bytes it holds (decoding it alone would give U+FFFD, 3 bytes).
+    """
+    from tokenizers import pre_tokenizers
+
+    hf = tokenizer.hf_tokenizer
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    byte_level = "ByteLevel" in _decoder_types(hf)
+    added = hf.get_added_tokens_decoder()  # {id: AddedToken}
+    lengths = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    for i in range(tokenizer.vocab_size):
+        if i in added:
+            lengths[i] = 0 if added[i].special else len(added[i].content.encode("utf-8"))
+            continue
+        piece = hf.id_to_token(i)
+        if piece is None:
+            continue  # a hole in the vocabulary: no text
+        if byte_level and all(c in alphabet for c in piece):
+            lengths[i] = len(piece)
+        elif BYTE_FALLBACK.match(piece):
+            lengths[i] = 1
+        elif METASPACE in piece:
+            # Decoding alone would strip the leading space that the symbol stands for.
+            lengths[i] = len(piece.replace(METASPACE, " ").encode("utf-8"))
+        else:
+            lengths[i] = len(hf.decode([i], skip_special_tokens=False).encode("utf-8"))
+    return lengths
+
+
+def _check_data_fits(tokenizer: Tokenizer, vocab_size: int, dataset: TokenDataset) -> None:
+    """Refuse data whose ids the model cannot embed or that another tokenizer produced."""
+    where = dataset.data_dir
+    limit = min(tokenizer.vocab_size, vocab_size)
+    if dataset.vocab_size > limit:
+        raise ValueError(
+            f"{where} was tokenized with a {dataset.vocab_size}-token vocabulary, larger than "
+            f"the model's ({limit}); prepare the data with the checkpoint's tokenizer "
+            "(`dsfm prepare --tokenizer CHECKPOINT/tokenizer.json`)"
+        )
+    data_tok_file = where / TOKENIZER_FILE
+    if data_tok_file.is_file():
+        data_vocab = Tokenizer.load(data_tok_file).hf_tokenizer.get_vocab(with_added_tokens=True)
+        model_vocab = tokenizer.hf_tokenizer.get_vocab(with_added_tokens=True)
+        differ = [t for t, i in data_vocab.items() if model_vocab.get(t) != i]
+        if differ:
+            raise ValueError(
+                f"{where} was tokenized with a different tokenizer than the model's "
+                f"({len(differ)} tokens map to other ids, e.g. {differ[0]!r}); prepare the "
+                "data with the checkpoint's tokenizer.json"
+            )
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())  # the launcher set it per rank
+    return torch.device("cpu")
+
+
+def evaluate_checkpoint(
+    checkpoint_path: str | Path,
+    data_dir: str | Path,
+    *,
+    split: str = "val",
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    max_samples: int | None = None,
+    dtype: str = "fp32",
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Loss, perplexity and bits per byte of a checkpoint on a prepared split.
+
+    Every sample of the split (or the first `max_samples`) in order, so two calls agree.
+    With torch.distributed initialised, each rank takes a contiguous slice and the sums
+    are all-reduced; every rank returns the same result. `seq_len` defaults to the
+    checkpoint's train.seq_len, capped at its model.max_seq_len.
+    """
+    from dsfm import checkpoint
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(
+            f"max_samples must be >= 1 (or None for the whole split), got {max_samples}"
+        )
+    ckpt_dir, tag = checkpoint.resolve(checkpoint_path)
+    config = checkpoint.client_state(ckpt_dir, tag)["config"]
+    max_seq_len = config["model"]["max_seq_len"]
+    if seq_len is None:
+        seq_len = min(config.get("train", {}).get("seq_len", max_seq_len), max_seq_len)
+    elif not 1 <= seq_len <= max_seq_len:
+        raise ValueError(
+            f"seq_len must be in [1, {max_seq_len}] (model.max_seq_len), got {seq_len}"
+        )
+
+    dataset = TokenDataset(data_dir, split, seq_len)
+    # Checked before the weights are read: consolidating a large ZeRO checkpoint takes time.
+    _check_data_fits(Tokenizer.load(ckpt_dir / tag), config["model"]["vocab_size"], dataset)
+    model, tokenizer = checkpoint.load_model(ckpt_dir / tag, dtype=dtype)
+    device = torch.device(device) if device is not None else _default_device()
+    model.to(device)
+
+    n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    distributed = torch_dist.is_available() and torch_dist.is_initialized()
+    rank, world = (torch_dist.get_rank(), torch_dist.get_world_size()) if distributed else (0, 1)
+    nats, tokens, n_bytes = loss_totals(
+        model,
+        dataset,
+        shard_indices(n, rank, world),
+        batch_size,
+        device,
+        byte_lengths=token_byte_lengths(tokenizer),
+    )
+    loss = nats / tokens if tokens else float("nan")
+    return {
+        "loss": loss,
+        "ppl": perplexity(loss),
+        "bpb": nats / LN2 / n_bytes if n_bytes else float("nan"),
+        "tokens": tokens,
+        "bytes": n_bytes,
+        "samples": n,
+        "seq_len": seq_len,
+        "split": split,
+        "checkpoint": str(ckpt_dir / tag),
+    }
