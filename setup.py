@@ -15,9 +15,10 @@ setup(
         "pyyaml>=6",
         "rich>=13",
         "tokenizers>=0.19",
+        "safetensors>=0.4",    # plain checkpoints and Hugging Face export
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "ruff", "transformers>=4.45", "safetensors"],
+        "dev": ["pytest>=8", "pytest-timeout", "ruff", "transformers>=4.45"],
     },
     entry_points={"console_scripts": ["dsfm=dsfm.cli:main"]},
 )

@@ -1,4 +1,7 @@
-"""`dsfm <verb>`: prepare, train, generate, config. Thin: parse arguments, call the package."""
+"""`dsfm <verb>`: prepare, train, finetune, generate, eval, merge, export, import, config.
+
+Thin: parse arguments, call the package.
+"""
 
 from __future__ import annotations
 
@@ -44,7 +47,91 @@ def train_main(args: argparse.Namespace) -> int:
     return EXIT_REQUEUE if summary.get("preempted") else 0
 
 
+def finetune_main(args: argparse.Namespace) -> int:
+    from dsfm.config import load_config
+
+    config = find_recipe(args.config) if args.config else None
+    if not load_config(config, args.overrides, check_data=False).train.init_from:
+        raise ValueError(
+            "finetune needs train.init_from=RUN_OR_CHECKPOINT (the model to start "
+            "from: a pretraining run, a tag, or a `dsfm import` output)"
+        )
+    return train_main(args)
+
+
+def merge_main(args: argparse.Namespace) -> int:
+    from dsfm import checkpoint
+
+    ckpt_dir, tag = checkpoint.resolve(args.checkpoint)
+    state = checkpoint.client_state(ckpt_dir, tag)
+    model, _ = checkpoint.load_model(args.checkpoint)  # LoRA folded in by load_weights
+    config = state["config"]
+    config["lora"] = {**config.get("lora", {}), "rank": 0}
+    plain = {"config": config, "step": state.get("step", 0), "merged_from": str(ckpt_dir / tag)}
+    out = checkpoint.save_plain(
+        args.out, model.state_dict(), plain, ckpt_dir / tag / "tokenizer.json"
+    )
+    print(f"wrote {out} (plain checkpoint, LoRA merged) from {ckpt_dir / tag}")
+    return 0
+
+
+def export_main(args: argparse.Namespace) -> int:
+    from dsfm.export import export_hf
+
+    out = export_hf(args.checkpoint, args.out, dtype=args.dtype)
+    print(f"wrote Hugging Face Llama directory {out}")
+    return 0
+
+
+def import_main(args: argparse.Namespace) -> int:
+    from dsfm.export import import_hf
+
+    out = import_hf(args.hf_dir, args.out)
+    print(f"wrote {out}: start from it with train.init_from={out}")
+    return 0
+
+
+def eval_main(args: argparse.Namespace) -> int:
+    import json
+
+    from dsfm.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        split=args.split,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_samples=args.max_samples,
+    )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{result['split']}: loss {result['loss']:.4f} | ppl {result['ppl']:.2f} | "
+            f"bpb {result['bpb']:.4f} | {result['tokens']:,} tokens, {result['samples']} samples"
+        )
+    return 0
+
+
 def prepare_main(args: argparse.Namespace) -> int:
+    if args.chat:
+        from dsfm.finetune import prepare_sft
+
+        if not args.tokenizer or args.tokenizer == "byte":
+            raise ValueError(
+                "--chat needs --tokenizer PATH: the tokenizer.json of the model you "
+                "will fine-tune (a run dir or checkpoint tag holds one)"
+            )
+        meta = prepare_sft(
+            args.input,
+            args.out,
+            tokenizer=args.tokenizer,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            force=args.force,
+        )
+        return _report_prepare(args.out, meta)
     from dsfm.data.prepare import prepare
 
     meta = prepare(
@@ -58,9 +145,13 @@ def prepare_main(args: argparse.Namespace) -> int:
         max_bytes=args.max_bytes,
         force=args.force,
     )
+    return _report_prepare(args.out, meta)
+
+
+def _report_prepare(out: str, meta: dict) -> int:
     s = meta["splits"]
     print(
-        f"wrote {args.out}: vocab {meta['vocab_size']}, {meta['dtype']}, "
+        f"wrote {out}: vocab {meta['vocab_size']}, {meta['dtype']}, "
         f"train {s['train']['tokens']:,} tokens / {s['train']['docs']:,} docs, "
         f"val {s['val']['tokens']:,} tokens / {s['val']['docs']:,} docs"
     )
@@ -69,10 +160,11 @@ def prepare_main(args: argparse.Namespace) -> int:
 
 def generate_main(args: argparse.Namespace) -> int:
     from dsfm.checkpoint import load_model
+    from dsfm.finetune import prompt_ids
     from dsfm.generate import sample
 
     model, tokenizer = load_model(args.checkpoint, dtype=args.dtype)
-    ids = tokenizer.encode(args.prompt) or [tokenizer.eot_id]
+    ids, stop_id = prompt_ids(tokenizer, args.prompt, chat=args.chat)
     new = sample(
         model,
         ids,
@@ -81,10 +173,10 @@ def generate_main(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
-        eot_id=tokenizer.eot_id,
+        eot_id=stop_id,
         use_cache=not args.no_cache,
     )
-    print(args.prompt + tokenizer.decode(new))
+    print(tokenizer.decode(new) if args.chat else args.prompt + tokenizer.decode(new))
     return 0
 
 
@@ -126,11 +218,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--max-bytes", type=int, default=None, help="cap on corpus bytes read")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="instruction data: JSONL of {messages: [...]} or {prompt, response}; "
+        "adds chat tokens to --tokenizer and a loss mask on assistant turns",
+    )
     p.set_defaults(func=prepare_main)
 
     p = sub.add_parser("train", help="pretrain in this process (same code as the launcher)")
     add_train_args(p)
     p.set_defaults(func=train_main)
+
+    p = sub.add_parser("finetune", help="fine-tune from train.init_from (LoRA or full)")
+    add_train_args(p)
+    p.set_defaults(func=finetune_main, config="configs/sft_lora.yaml")
+
+    p = sub.add_parser("merge", help="fold LoRA adapters into a plain checkpoint")
+    p.add_argument("checkpoint", help="run dir, checkpoints dir or tag dir")
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    p.set_defaults(func=merge_main)
+
+    p = sub.add_parser("export", help="write a Hugging Face Llama directory")
+    p.add_argument("checkpoint", help="run dir, checkpoints dir, tag dir or plain checkpoint")
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.set_defaults(func=export_main)
+
+    p = sub.add_parser("import", help="turn a local Hugging Face Llama directory into a checkpoint")
+    p.add_argument("hf_dir", help="directory with config.json, safetensors and tokenizer.json")
+    p.add_argument("--out", required=True, help="output plain checkpoint directory")
+    p.set_defaults(func=import_main)
+
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte on a prepared split")
+    p.add_argument("checkpoint", help="run dir, checkpoints dir, tag dir or plain checkpoint")
+    p.add_argument("--data", required=True, help="prepared dataset directory")
+    p.add_argument("--split", default="val")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-samples", type=int, default=None, help="default: the whole split")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=eval_main)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint")
     p.add_argument("checkpoint", help="run dir, its checkpoints/ dir, or a tag dir")
@@ -142,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--no-cache", action="store_true", help="recompute the context every token")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="send the prompt as a user turn of a chat model; print the reply",
+    )
     p.set_defaults(func=generate_main)
 
     p = sub.add_parser("config", help="print every setting's reference, or one resolved value")

@@ -116,6 +116,8 @@ class TrainConfig:
     "bf16, fp16 or fp32; None keeps what the DeepSpeed config says."
     log_every: int = 10
     "Print a status line every N steps (metrics.jsonl gets every step)."
+    init_from: str | None = None
+    "Start from these weights (run, tag or plain checkpoint); its model section replaces ours."
     stop_at: int | None = None
     "Stop this invocation after this step with a checkpoint; the schedule still spans max_steps."
 
@@ -146,6 +148,21 @@ class CheckpointConfig:
     "Keep a `best` tag for the lowest validation loss."
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0
+    "LoRA rank; 0 trains every weight (full fine-tuning or pretraining)."
+    alpha: float = 16.0
+    "LoRA scale numerator: the update is (alpha / rank) * B @ A."
+    dropout: float = 0.0
+    "Dropout on the LoRA branch's input."
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    "Projections that get adapters (attention q/k/v/o and MLP gate/up/down)."
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -155,6 +172,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
@@ -423,6 +441,15 @@ def check(cfg: Config, world_size: int = 1, *, check_data: bool = True) -> list[
             f"schedule.warmup_steps={s.warmup_steps} must be below train.max_steps="
             f"{t.max_steps} (there would be no cosine phase)"
         )
+    lo = cfg.lora
+    if lo.rank < 0 or lo.alpha <= 0 or not 0.0 <= lo.dropout < 1.0:
+        p.append(
+            f"lora: rank must be >= 0, alpha > 0 and dropout in [0, 1); got rank={lo.rank}, "
+            f"alpha={lo.alpha}, dropout={lo.dropout}"
+        )
+    bad_targets = sorted(set(lo.targets) - set(LORA_TARGETS))
+    if bad_targets:
+        p.append(f"lora.targets: unknown {bad_targets} (choose from {LORA_TARGETS})")
     if t.stop_at is not None and not 0 < t.stop_at <= t.max_steps:
         p.append(f"train.stop_at={t.stop_at} must be in [1, train.max_steps={t.max_steps}]")
     if t.precision is not None and t.precision not in PRECISIONS:

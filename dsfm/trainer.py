@@ -16,6 +16,7 @@ and a few counters in the client state. Eval and sampling never touch the global
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -33,10 +34,12 @@ import torch.distributed as torch_dist
 
 from dsfm import checkpoint, dist, evaluate
 from dsfm import engine as ds_engine
-from dsfm.config import Config, ConfigError, load_config, save_config, to_dict
+from dsfm.config import Config, ConfigError, check, from_dict, load_config, save_config, to_dict
 from dsfm.data.dataset import TokenDataset
 from dsfm.data.sampler import Sampler
+from dsfm.finetune import prompt_ids
 from dsfm.generate import sample
+from dsfm.lora import apply_lora, resize_token_embeddings
 from dsfm.metrics import RunLogger, finite_or_none, mfu, peak_flops
 from dsfm.model.gpt import GPT
 from dsfm.tokenizer import Tokenizer
@@ -65,6 +68,12 @@ def resolve_configs(
         cfg = load_config(config_path, overrides, world_size=world_size)
     except ConfigError as e:
         problems += e.problems
+    if cfg is not None and cfg.train.init_from:
+        try:
+            adopt_init_model(cfg)
+            problems += check(cfg, world_size)
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(f"train.init_from: {e}")
     try:
         ds = ds_engine.read_ds_config(ds_path)
         if cfg is not None:
@@ -74,6 +83,45 @@ def resolve_configs(
     if problems:
         raise ConfigError(problems)
     return cfg, ds
+
+
+def adopt_init_model(cfg: Config) -> None:
+    """With train.init_from the architecture is the source checkpoint's; only dropout is ours,
+    and the vocabulary grows to the data's when fine-tuning data added tokens (chat)."""
+    src = from_dict(checkpoint.client_state(*checkpoint.resolve(cfg.train.init_from))["config"])
+    data_vocab = cfg.model.vocab_size  # filled from the dataset by the config check
+    cfg.model = dataclasses.replace(
+        src.model, dropout=cfg.model.dropout, vocab_size=max(src.model.vocab_size, data_vocab)
+    )
+
+
+def build_model(cfg: Config) -> GPT:
+    """A fresh model, or train.init_from's weights with grown embeddings; LoRA if asked."""
+    src_vocab = cfg.model.vocab_size
+    if cfg.train.init_from is None:
+        model = GPT(cfg.model)
+    else:
+        ckpt_dir, tag = checkpoint.resolve(cfg.train.init_from)
+        state = checkpoint.client_state(ckpt_dir, tag)
+        src_vocab = state["config"]["model"]["vocab_size"]
+        model = GPT(dataclasses.replace(cfg.model, vocab_size=src_vocab))
+        checkpoint.load_into(model, checkpoint.load_weights(ckpt_dir, tag, state), ckpt_dir / tag)
+        if cfg.model.vocab_size > src_vocab:
+            resize_token_embeddings(model, cfg.model.vocab_size)
+    if cfg.lora.rank > 0:
+        apply_lora(
+            model,
+            rank=cfg.lora.rank,
+            alpha=cfg.lora.alpha,
+            dropout=cfg.lora.dropout,
+            targets=cfg.lora.targets,
+        )
+        if model.cfg.vocab_size > src_vocab:
+            # New tokens (chat) start as identical mean rows; frozen they could never be told
+            # apart or produced, so embedding and head train in full (peft's modules_to_save).
+            model.embed_tokens.weight.requires_grad_(True)
+            model.lm_head.weight.requires_grad_(True)
+    return model
 
 
 MODEL_FIELDS_THAT_MUST_MATCH = (
@@ -93,6 +141,9 @@ def check_resume_compatible(saved: dict[str, Any], cfg: Config, where: Path) -> 
         for k in MODEL_FIELDS_THAT_MUST_MATCH
         if saved["model"].get(k) != getattr(cfg.model, k)
     ]
+    saved_rank = saved.get("lora", {}).get("rank", 0)
+    if saved_rank != cfg.lora.rank:
+        diffs.append(f"lora.rank: checkpoint {saved_rank} vs config {cfg.lora.rank}")
     if diffs:
         raise ConfigError(
             [
@@ -124,9 +175,10 @@ class Trainer:
             check_resume_compatible(saved["config"], cfg, self.ckpt_dir / resume_tag)
 
         seed_everything(t.seed)  # same init on every rank
-        model = GPT(cfg.model)
+        model = build_model(cfg)
         self.flops_per_token = model.flops_per_token(t.seq_len)
         self.n_params = model.num_params()
+        self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.engine = ds_engine.initialize(model, ds, cfg.optim.weight_decay)
         # DeepSpeed's WarmupCosineLR gives the first two updates lr=0; start one step in so
         # update k (0-based) uses lr*(k+1)/warmup and the last update lands on min_lr_ratio.
@@ -194,7 +246,8 @@ class Trainer:
         if self.step >= t.max_steps:
             log.print(f"run already complete at step {self.step} (raise train.max_steps to go on)")
         log.print(
-            f"model {self.n_params / 1e6:.2f}M params | {self.world} rank(s) on "
+            f"model {self.n_params / 1e6:.2f}M params ({self.n_trainable / 1e6:.2f}M trained) | "
+            f"{self.world} rank(s) on "
             f"{self.device.type} | ZeRO-{ds_engine.zero_stage(self.ds)} "
             f"{ds_engine.precision(self.ds)} | global batch {self.global_batch} x "
             f"{t.seq_len} tokens"
@@ -249,11 +302,10 @@ class Trainer:
         indices = self.sampler.next_indices()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for k in range(t.grad_accum):
-            batch = self.train_data.batch(
+            x, y = self.train_data.inputs_and_labels(
                 indices[k * t.micro_batch_size : (k + 1) * t.micro_batch_size]
             )
-            batch = batch.to(self.device, non_blocking=True)
-            loss = self.engine(batch[:, :-1], labels=batch[:, 1:])
+            loss = self.engine(x.to(self.device), labels=y.to(self.device))
             self.engine.backward(loss)
             if k == t.grad_accum - 1:
                 stage0_norm = ds_engine.grad_norm_before_step(self.engine)
@@ -292,10 +344,10 @@ class Trainer:
         loss = evaluate.mean_loss(
             self.engine, self.val_data, indices, self.cfg.train.micro_batch_size, self.device
         )
-        for i, prompt in enumerate(
-            e.prompts
-        ):  # every rank generates: ZeRO-3 forwards are collective
-            ids = self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
+        chat = "chat_template" in self.train_data.meta
+        # Every rank generates: ZeRO-3 forwards are collective.
+        for i, prompt in enumerate(e.prompts):
+            ids, stop_id = prompt_ids(self.tokenizer, prompt, chat=chat)
             new = sample(
                 self.engine.module,
                 ids,
@@ -303,7 +355,7 @@ class Trainer:
                 temperature=e.temperature,
                 top_k=e.top_k,
                 seed=self.cfg.train.seed + i,
-                eot_id=self.tokenizer.eot_id,
+                eot_id=stop_id,
             )
             log.sample(
                 {"step": self.step, "prompt": prompt, "completion": self.tokenizer.decode(new)}

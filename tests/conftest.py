@@ -53,7 +53,12 @@ def run_cmd(cmd: list[str], timeout: int = 600, check: bool = True) -> subproces
 
 
 def deepspeed_train(
-    ds: str, overrides: list[str], nprocs: int = 2, port: int = 29510, check: bool = True
+    ds: str,
+    overrides: list[str],
+    nprocs: int = 2,
+    port: int = 29510,
+    check: bool = True,
+    launcher: str = "launchers/pretrain.py",
 ) -> subprocess.CompletedProcess:
     """Real DeepSpeed launcher, real ranks: `deepspeed --num_gpus N launchers/pretrain.py`."""
     cmd = [
@@ -64,7 +69,7 @@ def deepspeed_train(
         str(nprocs),
         "--master_port",
         str(port),
-        "launchers/pretrain.py",
+        launcher,
         "--ds",
         f"ds_configs/{ds}.json",
         *overrides,

@@ -1,0 +1,181 @@
+"""Pretrain -> instruction data -> LoRA SFT -> merge -> export -> transformers, end to end.
+
+Real DeepSpeed ranks (ZeRO-3 pretraining, ZeRO-2 fine-tuning), real files, real tokenizers;
+the chat set is made from Python's own documentation topics.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import TINY, deepspeed_train, dsfm, read_metrics
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.distributed
+
+
+def chat_file(path, n: int = 80):
+    from pydoc_data.topics import topics
+
+    with open(path, "w") as f:
+        for key in sorted(topics)[:n]:
+            text = " ".join(topics[key].split())[:300]
+            if key.startswith("a"):  # both record forms
+                f.write(json.dumps({"prompt": f"Explain {key}.", "response": text}) + "\n")
+            else:
+                messages = [
+                    {"role": "system", "content": "You answer questions about Python."},
+                    {"role": "user", "content": f"What is {key}?"},
+                    {"role": "assistant", "content": text},
+                ]
+                f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline(bpe_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    base = root / "base"
+    deepspeed_train(
+        "zero3",
+        [
+            *TINY,
+            f"data.path={bpe_data}",
+            f"train.out_dir={base}",
+            "train.max_steps=20",
+            "eval.every=0",
+            "checkpoint.every=0",
+        ],
+        port=29570,
+    )
+    chat = root / "chat"
+    dsfm(
+        "prepare",
+        "--chat",
+        "--input",
+        str(chat_file(root / "chats.jsonl")),
+        "--out",
+        str(chat),
+        "--tokenizer",
+        str(base / "tokenizer.json"),
+        "--val-fraction",
+        "0.1",
+    )
+    sft = root / "sft"
+    out = deepspeed_train(
+        "zero2",
+        [
+            "--config",
+            "configs/sft_lora.yaml",
+            f"data.path={chat}",
+            f"train.init_from={base}",
+            f"train.out_dir={sft}",
+            "train.seq_len=32",
+            "train.micro_batch_size=4",
+            "train.max_steps=12",
+            "schedule.warmup_steps=2",
+            "eval.every=6",
+            "eval.batches=1",
+            "eval.max_new_tokens=8",
+            "checkpoint.every=6",
+            "optim.lr=5e-3",
+            "lora.dropout=0",
+        ],
+        port=29575,
+        launcher="launchers/finetune.py",
+    )
+    return {"root": root, "base": base, "chat": chat, "sft": sft, "log": out.stdout}
+
+
+def test_lora_sft_trains_adapters_and_learns(pipeline):
+    rows = [r for r in read_metrics(pipeline["sft"]) if "loss" in r]
+    assert len(rows) == 12 and rows[-1]["loss"] < rows[0]["loss"]
+    assert "M trained)" in pipeline["log"]
+    state = json.loads((pipeline["sft"] / "checkpoints" / "final" / "dsfm_state.json").read_text())
+    assert state["config"]["lora"]["rank"] == 8
+    assert state["config"]["model"]["vocab_size"] == 2048 + 4  # chat tokens: embeddings grew
+    samples = (pipeline["sft"] / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 2 and json.loads(samples[0])["prompt"] == "What does the os module do?"
+
+
+def test_merge_export_matches_transformers_and_generates(pipeline):
+    from dsfm import checkpoint, engine
+    from dsfm.config import from_dict
+    from dsfm.generate import sample
+    from dsfm.lora import apply_lora
+    from dsfm.model.gpt import GPT
+    from dsfm.tokenizer import Tokenizer
+
+    root, sft = pipeline["root"], pipeline["sft"]
+    dsfm("merge", str(sft), "--out", str(root / "merged"))
+    dsfm("export", str(root / "merged"), "--out", str(root / "hf"), "--dtype", "fp32")
+
+    # The unmerged LoRA model, built from the raw ZeRO-2 shards (adapters separate).
+    state = checkpoint.client_state(sft / "checkpoints", "final")
+    cfg = from_dict(state["config"])
+    lora_model = GPT(cfg.model)
+    apply_lora(
+        lora_model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=0.0, targets=cfg.lora.targets
+    )
+    raw = engine.consolidated_state_dict(sft / "checkpoints", "final", 2)
+    assert any(k.endswith("lora_B") for k in raw)
+    checkpoint.load_into(lora_model, raw, sft)
+    lora_model.eval()
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(root / "hf", dtype=torch.float32).eval()
+    tok = Tokenizer.load(root / "hf")
+    ids = torch.tensor([tok.encode("What is assert? The assert statement")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, lora_model(ids), atol=1e-4, rtol=1e-4)
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(root / "hf")
+    text = "def f(x):\n    return x  # café, 東京 and tabs\t\tend"
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+
+    merged, _ = checkpoint.load_model(root / "merged")
+    prompt = tok.encode("What is assert?")
+    ours = sample(merged, prompt, max_new_tokens=12, temperature=0)
+    theirs = hf.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=tok.eot_id,
+    )[0, len(prompt) :].tolist()
+    assert len(ours) > 0 and ours == theirs[: len(ours)]
+    reply = dsfm(
+        "generate",
+        str(root / "merged"),
+        "--chat",
+        "--prompt",
+        "What is assert?",
+        "--max-new-tokens",
+        "16",
+        "--temperature",
+        "0",
+    )
+    assert reply.returncode == 0
+
+
+def test_eval_and_import_round_trip(pipeline):
+    root = pipeline["root"]
+    if not (root / "hf").exists():
+        pytest.skip("needs the export from the previous test")
+    chat = str(pipeline["chat"])
+    merged = json.loads(
+        dsfm("eval", str(root / "merged"), "--data", chat, "--seq-len", "32", "--json").stdout
+    )
+    assert merged["loss"] > 0 and merged["bpb"] > 0 and merged["samples"] > 0
+    unmerged = json.loads(
+        dsfm("eval", str(pipeline["sft"]), "--data", chat, "--seq-len", "32", "--json").stdout
+    )
+    assert unmerged["loss"] == pytest.approx(merged["loss"], rel=1e-5)
+    dsfm("import", str(root / "hf"), "--out", str(root / "imported"))
+    # the imported checkpoint knows no training seq_len, hence the explicit --seq-len above
+    imported = json.loads(
+        dsfm("eval", str(root / "imported"), "--data", chat, "--seq-len", "32", "--json").stdout
+    )
+    assert imported["loss"] == pytest.approx(merged["loss"], rel=1e-5)
