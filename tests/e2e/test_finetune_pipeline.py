@@ -179,3 +179,47 @@ def test_eval_and_import_round_trip(pipeline):
         dsfm("eval", str(root / "imported"), "--data", chat, "--seq-len", "32", "--json").stdout
     )
     assert imported["loss"] == pytest.approx(merged["loss"], rel=1e-5)
+
+
+def test_full_finetune_from_imported_model_resumes_and_zero3_exports(pipeline):
+    """Full fine-tuning (lora.rank=0) starting from `dsfm import` output, stopped and resumed;
+    and an export straight from the ZeRO-3 pretraining shards matches in transformers."""
+    from dsfm import checkpoint
+
+    root = pipeline["root"]
+    imported = root / "imported"
+    if not imported.exists():
+        pytest.skip("needs the import from the previous test")
+    run = root / "full"
+    common = [
+        "--config",
+        "configs/sft_lora.yaml",
+        f"data.path={pipeline['chat']}",
+        f"train.init_from={imported}",
+        f"train.out_dir={run}",
+        "lora.rank=0",
+        "train.seq_len=32",
+        "train.micro_batch_size=4",
+        "train.max_steps=4",
+        "schedule.warmup_steps=1",
+        "eval.every=0",
+        "checkpoint.every=0",
+    ]
+    dsfm("finetune", *common, "train.stop_at=2")
+    out = dsfm("finetune", *common)
+    assert "resumed from" in out.stdout
+    rows = [r for r in read_metrics(run) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    state = checkpoint.client_state(run / "checkpoints", "final")
+    assert state["config"]["lora"]["rank"] == 0
+    n_params = state["n_params"]
+    assert f"({n_params / 1e6:.2f}M trained)" in out.stdout  # every weight trains
+
+    dsfm("export", str(pipeline["base"]), "--out", str(root / "hf_base"), "--dtype", "fp32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        root / "hf_base", dtype=torch.float32
+    ).eval()
+    ours, tok = checkpoint.load_model(pipeline["base"])
+    ids = torch.tensor([tok.encode("import os\nprint(os.getcwd())")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
