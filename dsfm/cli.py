@@ -1,4 +1,4 @@
-"""`dsfm <verb>`: prepare, train, finetune, generate, eval, merge, export, import, config.
+"""`dsfm <verb>`: prepare, data, train, finetune, generate, eval, merge, export, import, config.
 
 Thin: parse arguments, call the package.
 """
@@ -143,9 +143,46 @@ def prepare_main(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         seed=args.seed,
         max_bytes=args.max_bytes,
+        workers=args.workers,
+        max_shard_bytes=args.shard_size,
         force=args.force,
     )
     return _report_prepare(args.out, meta)
+
+
+def parse_size(text: str) -> int:
+    """'500MB', '2GiB', '1e9' or '1048576' → bytes."""
+    units = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    t = text.strip().upper().removesuffix("B")
+    binary = t.endswith("I")
+    t = t.removesuffix("I")
+    unit = t[-1] if t and t[-1] in "KMGT" else ""
+    try:
+        number = float(t[: len(t) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 500MB, 2GiB)") from None
+    scale = 1024 ** "_KMGT".index(unit) if binary and unit else units[unit]
+    return int(number * scale)
+
+
+def data_stats_main(args: argparse.Namespace) -> int:
+    from dsfm.data.stats import print_stats, stats
+
+    print_stats(stats(args.dir, seed=args.seed), args.json)
+    return 0
+
+
+def data_verify_main(args: argparse.Namespace) -> int:
+    from dsfm.data.stats import verify
+
+    problems = verify(args.dir)
+    for problem in problems:
+        print(f"FAIL {problem}")
+    if problems:
+        print(f"{args.dir}: {len(problems)} problem(s); re-run `dsfm prepare` for this dataset")
+        return 1
+    print(f"{args.dir}: OK (sizes, checksums, token ids, document offsets)")
+    return 0
 
 
 def _report_prepare(out: str, meta: dict) -> int:
@@ -204,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--input",
         nargs="+",
         required=True,
-        help="files, directories, globs, or `stdlib` (the embedded corpus)",
+        help="text/JSONL(.gz/.zst)/Parquet files, directories, globs, `stdlib` (the embedded "
+        "corpus) or hf:NAME[:SPLIT] (a local or cached Hugging Face dataset)",
     )
     p.add_argument("--out", required=True, help="output dataset directory")
     p.add_argument(
@@ -213,10 +251,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="reuse a tokenizer.json (path), or `byte`; default: train a BPE",
     )
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size")
-    p.add_argument("--text-key", default="text", help="JSONL field holding the text")
+    p.add_argument("--text-key", default="text", help="JSONL/Parquet field holding the text")
     p.add_argument("--val-fraction", type=float, default=0.01, help="documents held out")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--max-bytes", type=int, default=None, help="cap on corpus bytes read")
+    p.add_argument(
+        "--workers", type=int, default=1, help="tokenizer processes (output is identical)"
+    )
+    p.add_argument(
+        "--shard-size",
+        type=parse_size,
+        default=None,
+        help="cut each split into .bin shards below this size (e.g. 1GB); default: one file",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument(
         "--chat",
@@ -225,6 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
         "adds chat tokens to --tokenizer and a loss mask on assistant turns",
     )
     p.set_defaults(func=prepare_main)
+
+    p = sub.add_parser("data", help="inspect (stats) or check (verify) a prepared dataset")
+    data_sub = p.add_subparsers(dest="data_verb", required=True)
+    q = data_sub.add_parser("stats", help="counts, lengths, top tokens, a random document")
+    q.add_argument("dir", help="prepared dataset directory")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.add_argument("--seed", type=int, default=0, help="picks the random document")
+    q.set_defaults(func=data_stats_main)
+    q = data_sub.add_parser("verify", help="sizes, checksums, token ids, offsets; exit 1 if bad")
+    q.add_argument("dir", help="prepared dataset directory")
+    q.set_defaults(func=data_verify_main)
 
     p = sub.add_parser("train", help="pretrain in this process (same code as the launcher)")
     add_train_args(p)

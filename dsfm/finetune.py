@@ -347,7 +347,12 @@ def _write_sft_splits(
     if n_docs == 0:
         raise ValueError(f"no conversations: inputs {[s.path for s in sources]} hold no records")
     splits = {
-        split: {"tokens": int(w.n_tokens), "docs": w.n_docs, "loss_tokens": w.n_loss_tokens}
+        split: {
+            "tokens": int(w.n_tokens),
+            "docs": w.n_docs,
+            "loss_tokens": w.n_loss_tokens,
+            "shards": [w.shard_record()],
+        }
         for split, w in writers.items()
     }
     return splits, source_records

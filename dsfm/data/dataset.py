@@ -7,6 +7,9 @@ Design choices:
   them): sample `i` is tokens `[i*seq_len, i*seq_len + seq_len + 1)`, so inputs are
   `[:-1]` and targets `[1:]`, and consecutive samples share one boundary token. Every token
   is trained on and no padding is needed.
+- A sharded split is the concatenation of its shards' samples: windows never cross a
+  shard boundary (each shard loses under one window at its end), so a sample is one slice
+  of one memmap and shards can be opened independently.
 - Sample order is not this module's business: `sampler.py` chooses indices.
 - `read_meta` checks the files against `meta.json` before anything trusts them, so a
   truncated copy fails at start-up with the file's name instead of mid-run.
@@ -16,6 +19,7 @@ Design choices:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,8 +28,17 @@ import numpy as np
 import torch
 
 META_FILE = "meta.json"
-SUPPORTED_FORMAT_VERSIONS = (1,)
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 PREPARE_HINT = "run `dsfm prepare` to (re)create it"
+
+
+def shards(meta: dict, split: str) -> list[dict]:
+    """The split's shards in order: `{"name", "tokens", "docs"[, "sha256"]}`; datasets
+    written before sharding have one shard named after the split."""
+    counts = meta["splits"][split]
+    return counts.get("shards") or [
+        {"name": split, "tokens": counts["tokens"], "docs": counts["docs"]}
+    ]
 
 
 def read_meta(data_dir: str | Path) -> dict:
@@ -50,22 +63,41 @@ def read_meta(data_dir: str | Path) -> dict:
             f"{meta_path} has format_version {version}, this dsfm reads "
             f"{SUPPORTED_FORMAT_VERSIONS}; {PREPARE_HINT} with this version"
         )
-    for split, counts in splits.items():
-        bin_path = data_dir / f"{split}.bin"
-        idx_path = data_dir / f"{split}.idx"
-        for path, expected in (
-            (bin_path, counts["tokens"] * dtype.itemsize),
-            (idx_path, (counts["docs"] + 1) * 8),
-        ):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} is missing; {PREPARE_HINT}")
-            size = path.stat().st_size
-            if size != expected:
-                raise ValueError(
-                    f"{path} is {size} bytes but {meta_path} implies {expected}; the dataset is "
-                    f"truncated or mixed from different runs, {PREPARE_HINT}"
-                )
+    for split in splits:
+        for shard in shards(meta, split):
+            for path, expected in (
+                (data_dir / f"{shard['name']}.bin", shard["tokens"] * dtype.itemsize),
+                (data_dir / f"{shard['name']}.idx", (shard["docs"] + 1) * 8),
+            ):
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path} is missing; {PREPARE_HINT}")
+                size = path.stat().st_size
+                if size != expected:
+                    raise ValueError(
+                        f"{path} is {size} bytes but {meta_path} implies {expected}; the dataset "
+                        f"is truncated or mixed from different runs, {PREPARE_HINT}"
+                    )
+    _check_tokenizer(data_dir, meta)
     return meta
+
+
+def _check_tokenizer(data_dir: Path, meta: dict) -> None:
+    """The tokenizer.json beside the tokens must be the one that made them."""
+    expected = meta.get("tokenizer_sha256")
+    path = data_dir / meta.get("tokenizer", "tokenizer.json")
+    if expected is None:  # format 1 recorded no hash
+        return
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing; the token ids cannot be decoded, {PREPARE_HINT}"
+        )
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != expected:
+        raise ValueError(
+            f"{path} is not the tokenizer that produced {data_dir} (sha256 {digest[:12]}… vs "
+            f"{expected[:12]}… in {META_FILE}); copy back the original tokenizer.json or "
+            f"{PREPARE_HINT}"
+        )
 
 
 class TokenDataset:
@@ -85,58 +117,76 @@ class TokenDataset:
         self.vocab_size: int = self.meta["vocab_size"]
         self.eot_id: int = self.meta["eot_id"]
         self.n_tokens: int = self.meta["splits"][split]["tokens"]
-        if self.n_tokens < seq_len + 1:
+        self.shards = shards(self.meta, split)
+        sizes = [max(0, (shard["tokens"] - 1) // seq_len) for shard in self.shards]
+        if sum(sizes) == 0:
             raise ValueError(
                 f"the {split!r} split of {self.data_dir} has {self.n_tokens} tokens, but one "
-                f"sample of seq_len={seq_len} needs {seq_len + 1}; use a shorter seq_len, or "
-                f"more data / a larger val_fraction in `dsfm prepare`"
+                f"sample of seq_len={seq_len} needs {seq_len + 1} in one shard; use a shorter "
+                f"seq_len, or more data / a larger val_fraction in `dsfm prepare`"
             )
+        # bounds[k] is the first sample of shard k; samples of shard k are local windows
+        self._bounds = np.cumsum([0, *sizes])
         self._tokens, self._mask = self._open()
 
-    def _open(self) -> tuple[np.memmap, np.memmap | None]:
-        path = self.data_dir / f"{self.split}.bin"
-        tokens = np.memmap(
-            path, dtype=np.dtype(self.meta["dtype"]), mode="r", shape=(self.n_tokens,)
-        )
-        mask = None
-        if self.meta.get("loss_mask"):  # instruction data: learn only the marked tokens
-            mask_path = self.data_dir / f"{self.split}.mask"
-            if not mask_path.is_file() or mask_path.stat().st_size != self.n_tokens:
-                raise ValueError(
-                    f"{mask_path} is missing or not one byte per token; re-run the data preparation"
+    def _open(self) -> tuple[list[np.memmap], list[np.memmap] | None]:
+        dtype = np.dtype(self.meta["dtype"])
+        tokens, masks = [], []
+        for shard in self.shards:
+            path = self.data_dir / f"{shard['name']}.bin"
+            tokens.append(np.memmap(path, dtype=dtype, mode="r", shape=(shard["tokens"],)))
+            if self.meta.get("loss_mask"):  # instruction data: learn only the marked tokens
+                mask_path = self.data_dir / f"{shard['name']}.mask"
+                if not mask_path.is_file() or mask_path.stat().st_size != shard["tokens"]:
+                    raise ValueError(
+                        f"{mask_path} is missing or not one byte per token; re-run the data "
+                        f"preparation"
+                    )
+                masks.append(
+                    np.memmap(mask_path, dtype=np.uint8, mode="r", shape=(shard["tokens"],))
                 )
-            mask = np.memmap(mask_path, dtype=np.uint8, mode="r", shape=(self.n_tokens,))
-        return tokens, mask
+        return tokens, (masks if self.meta.get("loss_mask") else None)
 
     def __len__(self) -> int:
-        return (self.n_tokens - 1) // self.seq_len
+        return int(self._bounds[-1])
 
-    def _start(self, i: int) -> int:
+    def _locate(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, first token in that shard) of each sample index; negatives count from
+        the end, like a list."""
+        i = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"sample {i} out of range for {n} samples")
-        return (i % n) * self.seq_len
+        bad = (i < -n) | (i >= n)
+        if bad.any():
+            raise IndexError(f"sample {int(i[bad][0])} out of range for {n} samples")
+        i = i % n
+        shard = np.searchsorted(self._bounds, i, side="right") - 1
+        return shard, (i - self._bounds[shard]) * self.seq_len
+
+    def _gather(self, arrays: list[np.memmap], indices: Sequence[int]) -> np.ndarray:
+        """Windows of seq_len + 1 values for each sample, shape (B, seq_len + 1)."""
+        shard, start = self._locate(indices)
+        window = np.arange(self.seq_len + 1)
+        out = np.empty((len(start), self.seq_len + 1), dtype=np.int64)
+        for k in np.unique(shard):
+            rows = np.flatnonzero(shard == k)
+            out[rows] = arrays[k][start[rows, None] + window]
+        return out
 
     def __getitem__(self, i: int) -> np.ndarray:
         """Tokens of sample `i`, int64, shape (seq_len + 1,)."""
-        start = self._start(int(i))
-        return np.array(self._tokens[start : start + self.seq_len + 1], dtype=np.int64)
+        return self._gather(self._tokens, [int(i)])[0]
 
     def batch(self, indices: Sequence[int]) -> torch.LongTensor:
         """Samples `indices` stacked, shape (B, seq_len + 1)."""
-        starts = np.array([self._start(int(i)) for i in indices], dtype=np.int64)
-        window = starts[:, None] + np.arange(self.seq_len + 1)  # (B, seq_len + 1)
-        return torch.from_numpy(np.array(self._tokens[window], dtype=np.int64))
+        return torch.from_numpy(self._gather(self._tokens, indices))
 
     def inputs_and_labels(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs (B, seq_len) and next-token labels (B, seq_len); tokens outside the
         dataset's loss mask (prompts, in instruction data) get label -100."""
-        starts = np.array([self._start(int(i)) for i in indices], dtype=np.int64)
-        window = starts[:, None] + np.arange(self.seq_len + 1)  # (B, seq_len + 1)
-        tokens = torch.from_numpy(np.array(self._tokens[window], dtype=np.int64))
+        tokens = self.batch(indices)
         if self._mask is None:
             return tokens[:, :-1], tokens[:, 1:]
-        return masked_labels(tokens, torch.from_numpy(np.array(self._mask[window])))
+        return masked_labels(tokens, torch.from_numpy(self._gather(self._mask, indices)))
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -150,7 +200,7 @@ class TokenDataset:
     def __repr__(self) -> str:
         return (
             f"TokenDataset({str(self.data_dir)!r}, split={self.split!r}, seq_len={self.seq_len}, "
-            f"samples={len(self)}, tokens={self.n_tokens})"
+            f"samples={len(self)}, tokens={self.n_tokens}, shards={len(self.shards)})"
         )
 
 

@@ -104,8 +104,8 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v (B, n_kv_heads, T, hd) at the current position; return all keys so far."""
         end = self.length + k.shape[2]
-        self.k[layer_idx][:, :, self.length:end] = k
-        self.v[layer_idx][:, :, self.length:end] = v
+        self.k[layer_idx][:, :, self.length : end] = k
+        self.v[layer_idx][:, :, self.length : end] = v
         return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
 
     def advance(self, n: int) -> None:
@@ -134,8 +134,8 @@ def rope_cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (T, head_dim) in fp32 for the given integer positions."""
     inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
-                  / head_dim)
+        theta
+        ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     )
     freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd): both halves rotate by the same angle
@@ -196,7 +196,9 @@ class Attention(nn.Module):
                 mask = k_pos[None, :] <= q_pos[:, None]  # (T, past + T), True = attend
 
         y = F.scaled_dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal,
@@ -310,8 +312,7 @@ class GPT(nn.Module):
         if cache is not None:
             if past + T > cache.max_len:
                 raise ValueError(
-                    f"KV cache holds {cache.max_len} positions; {past} used + {T} new "
-                    "do not fit"
+                    f"KV cache holds {cache.max_len} positions; {past} used + {T} new do not fit"
                 )
             if cache.batch_size != B:
                 raise ValueError(f"batch size {B} does not match the cache's {cache.batch_size}")

@@ -30,9 +30,21 @@ PRESETS: dict[str, dict] = {f"d{n}": _depth_preset(n) for n in (2, 4, 6, 8, 12, 
 PRESETS.update(
     {
         # The sizes used in the speed issue's measurements.
-        "135m": {"n_layers": 12, "d_model": 768, "n_heads": 12, "n_kv_heads": 12,
-                 "ffn_hidden": 2048, "max_seq_len": 2048},
-        "1.4b": {"n_layers": 24, "d_model": 2048, "n_heads": 16, "n_kv_heads": 16,
-                 "ffn_hidden": 5632, "max_seq_len": 2048},
+        "135m": {
+            "n_layers": 12,
+            "d_model": 768,
+            "n_heads": 12,
+            "n_kv_heads": 12,
+            "ffn_hidden": 2048,
+            "max_seq_len": 2048,
+        },
+        "1.4b": {
+            "n_layers": 24,
+            "d_model": 2048,
+            "n_heads": 16,
+            "n_kv_heads": 16,
+            "ffn_hidden": 5632,
+            "max_seq_len": 2048,
+        },
     }
 )

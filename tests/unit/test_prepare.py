@@ -80,7 +80,7 @@ def test_round_trip(tmp_path, corpus, tokenizer):
     docs = assert_documents_round_trip(out, expected)
     assert docs["train"] and docs["val"]
     assert meta == json.loads((out / "meta.json").read_text())
-    assert meta["format_version"] == 1
+    assert meta["format_version"] == 2
     assert meta["dtype"] == "uint16"
     assert meta["tokenizer"] == "tokenizer.json"
     assert meta["vocab_size"] == (257 if tokenizer == "byte" else 300)
@@ -89,10 +89,20 @@ def test_round_trip(tmp_path, corpus, tokenizer):
     assert meta["splits"]["train"]["docs"] + meta["splits"]["val"]["docs"] == len(expected)
     files = [root / "a.txt", root / "d.jsonl", root / "sub" / "b.md", root / "sub" / "c.jsonl"]
     assert meta["sources"] == [
-        {"path": str(f.resolve()), "bytes": f.stat().st_size,
-         "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
-        for f in files
+        {"path": str(f.resolve()), "kind": "jsonl" if f.suffix == ".jsonl" else "text",
+         "bytes": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest(),
+         "empty_docs": int(f.name == "c.jsonl"), "chars": chars}
+        for f, chars in zip(files, [len(expected[0]), sum(map(len, expected[1:13])),
+                                    len(expected[13]), sum(map(len, expected[14:]))])
     ]
+    assert meta["chars"] == sum(map(len, expected))
+    assert meta["empty_docs"] == 1
+    tok_bytes = (out / "tokenizer.json").read_bytes()
+    assert meta["tokenizer_sha256"] == hashlib.sha256(tok_bytes).hexdigest()
+    for split in ("train", "val"):
+        (shard,) = meta["splits"][split]["shards"]
+        assert shard["name"] == split
+        assert shard["sha256"] == hashlib.sha256((out / f"{split}.bin").read_bytes()).hexdigest()
     assert sorted(p.name for p in out.iterdir()) == [
         "meta.json", "tokenizer.json", "train.bin", "train.idx", "val.bin", "val.idx"
     ]
@@ -136,7 +146,7 @@ def test_no_val_split(tmp_path, corpus):
     root, expected = corpus
     out = tmp_path / "out"
     meta = prepare([str(root)], out, tokenizer="byte", val_fraction=0, progress=False)
-    assert meta["splits"]["val"] == {"tokens": 0, "docs": 0}
+    assert {k: meta["splits"]["val"][k] for k in ("tokens", "docs")} == {"tokens": 0, "docs": 0}
     assert (out / "val.bin").stat().st_size == 0
     assert np.fromfile(out / "val.idx", dtype=np.int64).tolist() == [0]
     assert split_documents(out)["train"] == [d + EOT for d in expected]
