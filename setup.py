@@ -18,7 +18,17 @@ setup(
         "safetensors>=0.4",    # plain checkpoints and Hugging Face export
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "ruff", "transformers>=4.45"],
+        "data": ["pyarrow>=14", "zstandard>=0.22"],  # Parquet and .zst inputs to prepare
+        "hf": ["datasets>=2.18"],                    # hf:NAME inputs to prepare
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout",
+            "ruff",
+            "transformers>=4.45",
+            "pyarrow>=14",
+            "zstandard>=0.22",
+            "datasets>=2.18",
+        ],
     },
     entry_points={"console_scripts": ["dsfm=dsfm.cli:main"]},
 )

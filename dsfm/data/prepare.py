@@ -74,7 +74,7 @@ HF_SAVED_FILES = ("dataset_info.json", "state.json")  # what `save_to_disk` leav
 BYTE_TOKENIZER = "byte"
 # Documents are encoded in batches of about this much text: large enough for the
 # tokenizer's thread pool to pay off, small enough to keep memory flat.
-ENCODE_BATCH_BYTES = 4 << 20
+ENCODE_BATCH_BYTES = 1 << 20
 ENCODE_BATCH_DOCS = 4096
 # Tokens buffered per split before a write to disk.
 WRITE_BUFFER_TOKENS = 1 << 20
