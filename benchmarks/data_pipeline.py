@@ -261,7 +261,7 @@ def main() -> None:
     console = Console()
     with tempfile.TemporaryDirectory(prefix="dsfm-bench-") as tmp:
         work = Path(tmp)
-        tok = train_bpe(stdlib_documents(4_000_000), args.vocab)
+        tok = train_bpe(stdlib_documents(int(min(4, args.mb) * 1e6)), args.vocab)
         tok_path = tok.save(work)
         (work / "corpus").mkdir()
         files = write_corpus(work / "corpus", args.mb)

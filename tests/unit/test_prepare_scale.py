@@ -274,3 +274,14 @@ def test_verify_finds_every_kind_of_damage(tmp_path, capsys):
 )
 def test_parse_size(text, size):
     assert parse_size(text) == size
+
+
+def test_a_failure_with_workers_leaves_nothing_behind(tmp_path, monkeypatch):
+    import dsfm.data.prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "ENCODE_BATCH_DOCS", 4)  # batches in flight when it fails
+    write_jsonl(tmp_path / "a.jsonl", DOCS)
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "fine"}) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"b\.jsonl:2: invalid JSON"):
+        prep([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], tmp_path / "out", workers=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl"]
