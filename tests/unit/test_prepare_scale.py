@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dsfm.cli import main as cli_main
 from dsfm.cli import parse_size
@@ -168,8 +169,19 @@ def test_shards_stay_below_the_size_and_read_as_one_split(tmp_path):
 
 def test_uint32_for_large_vocabularies(tmp_path):
     from dsfm.data.prepare import token_dtype
+    from dsfm.tokenizer import byte_tokenizer
 
     assert token_dtype(65535) == np.uint16 and token_dtype(65536) == np.uint32
+    tok = byte_tokenizer()
+    tok.hf_tokenizer.add_special_tokens([f"<|extra_{i}|>" for i in range(65536 - 257)])
+    assert tok.vocab_size == 65536
+    tok.save(tmp_path / "tok")
+    write_jsonl(tmp_path / "a.jsonl", DOCS)
+    meta = prep([tmp_path / "a.jsonl"], tmp_path / "out", tokenizer=str(tmp_path / "tok"))
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] == 65536
+    assert sorted(documents(tmp_path / "out")) == sorted(d + EOT for d in DOCS)
+    x, _ = TokenDataset(tmp_path / "out", "train", 8).inputs_and_labels([0])
+    assert x.dtype == torch.int64 and int(x.max()) < 256
 
 
 def test_empty_documents_are_counted_and_an_all_empty_corpus_refused(tmp_path):
