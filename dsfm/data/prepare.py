@@ -47,6 +47,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import sys
 import uuid
 from array import array
 from collections import deque
@@ -645,17 +646,23 @@ class BatchEncoder:
     """Encodes document batches in submission order, here or in `workers` processes.
 
     At most `2 * workers` batches are in flight, so a slow tokenizer never lets the reader
-    run ahead and fill memory.
+    run ahead and fill memory. Workers are forked on Linux: spawned ones would re-import the
+    caller's `__main__`, which breaks scripts without a main guard and stdin scripts.
+    TOKENIZERS_PARALLELISM=false while they live gives each one tokenizer thread (the
+    parallelism is the processes) and keeps the tokenizer's fork warning quiet.
     """
 
     def __init__(self, tokenizer: Tokenizer, dtype: np.dtype, workers: int) -> None:
         self.tokenizer, self.dtype, self.workers = tokenizer, dtype, workers
         self.pool = None
         self.pending: deque[Future] = deque()
+        self._saved_env = os.environ.get("TOKENIZERS_PARALLELISM")
         if workers > 1:
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            method = "fork" if sys.platform == "linux" else "spawn"
             self.pool = ProcessPoolExecutor(
                 workers,
-                mp_context=multiprocessing.get_context("spawn"),  # no forked tokenizer threads
+                mp_context=multiprocessing.get_context(method),
                 initializer=_init_worker,
                 initargs=(tokenizer.hf_tokenizer.to_str(), dtype.name),
             )
@@ -674,8 +681,13 @@ class BatchEncoder:
             yield self.pending.popleft().result()
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.pool is None:
+            return
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self._saved_env is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = self._saved_env
 
 
 def _write_splits(
