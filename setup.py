@@ -18,7 +18,14 @@ setup(
         "safetensors>=0.4",    # plain checkpoints and Hugging Face export
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "ruff", "transformers>=4.45"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout",
+            "ruff",
+            "transformers>=4.45",
+            # kernel tests run under TRITON_INTERPRET=1 on CPU; Linux wheels only
+            "triton>=3.0; platform_system == 'Linux'",
+        ],
     },
     entry_points={"console_scripts": ["dsfm=dsfm.cli:main"]},
 )
