@@ -34,7 +34,7 @@ def try_preset(preset: str, args: argparse.Namespace, device: torch.device) -> d
             engine = tp.ds_engine.initialize(tp.GPT(cfg.model), ds, cfg.optim.weight_decay)
             x, y = tp.batch(cfg, device)
 
-            def step() -> None:
+            def step(engine=engine, x=x, y=y) -> None:
                 loss = engine(x, labels=y)
                 engine.backward(loss)
                 engine.step()

@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -239,11 +239,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     dist.ensure_env()  # a one-process "world" for DeepSpeed
     ds_engine.init_distributed()
     device = ds_engine.device()
-    print(
-        f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}), "
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}",
-        flush=True,
-    )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
     rows = [r for size in args.sizes for r in bench_size(size, device, args)]
     print_table(rows)
     out = {
