@@ -28,6 +28,8 @@ setup(
             "pyarrow>=14",
             "zstandard>=0.22",
             "datasets>=2.18",
+            # kernel tests run under TRITON_INTERPRET=1 on CPU; Linux wheels only
+            "triton>=3.0; platform_system == 'Linux'",
         ],
     },
     entry_points={"console_scripts": ["dsfm=dsfm.cli:main"]},

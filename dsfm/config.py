@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import importlib.util
 import inspect
 import json
 import types
@@ -62,6 +63,10 @@ class ModelConfig:
     "Dropout on attention probabilities and residual branches (0 for pretraining)."
     init_std: float = 0.02
     "Std of the normal init; output projections are scaled by 1/sqrt(2 * n_layers)."
+    kernels: str = "auto"
+    "Fused ops: triton, torch, or auto (Triton on CUDA when installed, else PyTorch)."
+    activation_checkpointing: bool = False
+    "Recompute each block's activations in backward: less memory, about 1/3 more compute."
 
     @property
     def head_dim(self) -> int:
@@ -120,6 +125,8 @@ class TrainConfig:
     "Start from these weights (run, tag or plain checkpoint); its model section replaces ours."
     stop_at: int | None = None
     "Stop this invocation after this step with a checkpoint; the schedule still spans max_steps."
+    compile: bool = False
+    "torch.compile the model inside the DeepSpeed engine (engine.compile()); GPU speed-up."
 
 
 @dataclass
@@ -177,6 +184,7 @@ class Config:
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
 PRECISIONS = ("bf16", "fp16", "fp32")
+KERNELS = ("auto", "triton", "torch")  # as dsfm.model.ops.KERNELS; config stays torch-free
 
 
 # ---------------------------------------------------------------- loading
@@ -422,6 +430,13 @@ def check(cfg: Config, world_size: int = 1, *, check_data: bool = True) -> list[
         p.append(
             f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads} "
             "(each key/value head serves a whole group of query heads)"
+        )
+    if m.kernels not in KERNELS:
+        p.append(f"model.kernels must be one of {', '.join(KERNELS)}, got {m.kernels!r}")
+    elif m.kernels == "triton" and importlib.util.find_spec("triton") is None:
+        p.append(
+            "model.kernels=triton but triton is not installed; `pip install triton` "
+            "or use model.kernels=auto (PyTorch fallback where Triton cannot run)"
         )
     if not 0.0 <= m.dropout < 1.0:
         p.append(f"model.dropout must be in [0, 1), got {m.dropout}")

@@ -160,11 +160,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def initialize(model: torch.nn.Module, ds: dict[str, Any], weight_decay: float) -> Any:
-    """Wrap the model in a DeepSpeed engine (optimizer and scheduler built from `ds`)."""
+def initialize(
+    model: torch.nn.Module, ds: dict[str, Any], weight_decay: float, compile: bool = False
+) -> Any:
+    """Wrap the model in a DeepSpeed engine (optimizer and scheduler built from `ds`).
+
+    compile: `engine.compile()`, DeepSpeed's own torch.compile of the wrapped module, which
+    keeps its ZeRO hooks outside the compiled graph (compiling the bare model before
+    `initialize` would trace through them and break the graph at every gather).
+    """
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, weight_decay), config=ds
     )
+    if compile:
+        engine.compile()
     return engine
 
 

@@ -179,7 +179,9 @@ class Trainer:
         self.flops_per_token = model.flops_per_token(t.seq_len)
         self.n_params = model.num_params()
         self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.engine = ds_engine.initialize(model, ds, cfg.optim.weight_decay)
+        self.engine = ds_engine.initialize(
+            model, ds, cfg.optim.weight_decay, compile=t.compile
+        )
         # DeepSpeed's WarmupCosineLR gives the first two updates lr=0; start one step in so
         # update k (0-based) uses lr*(k+1)/warmup and the last update lands on min_lr_ratio.
         self.engine.lr_scheduler.step(1)

@@ -17,6 +17,16 @@ Design choices:
   model in training. Without labels it returns the logits.
 - A preallocated `KVCache` serves sampling; positions start at `cache.length`, so a prompt
   prefill and one-token steps take the same path.
+- The elementwise ops and the LM-head loss go through `dsfm.model.ops`, one function each
+  with a Triton kernel and a PyTorch fallback; `cfg.kernels` picks per call (auto: Triton
+  for CUDA tensors when installed). The fallbacks are the expressions this file always
+  used, so `kernels=torch` computes what it always did.
+- Training never materialises the (B*T, V) fp32 logits: `LMHead` computes the loss in
+  token chunks (`ops.linear_cross_entropy`). The loss runs inside the lm_head module's own
+  forward so ZeRO-3 gathers its weight through the usual module hooks.
+- `activation_checkpointing` recomputes each block in backward (non-reentrant
+  torch.utils.checkpoint, which replays dropout's RNG), trading ~1/3 more compute for
+  keeping only the block inputs.
 - Init: normal(0, init_std) everywhere, with the two projections that write into the
   residual stream (`o_proj`, `down_proj`) scaled by 1/sqrt(2 * n_layers) so the residual
   variance does not grow with depth (GPT-2).
@@ -29,9 +39,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from dsfm.config import ModelConfig
+from dsfm.model import ops
 from dsfm.model.presets import _swiglu_hidden
 
 IGNORE_INDEX = -100
@@ -116,17 +128,14 @@ class KVCache:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, kernels: str = "torch"):
         super().__init__()
         self.eps = eps
+        self.kernels = kernels
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Mean of squares in fp32: in bf16 it loses enough precision to shift the output.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return ops.rms_norm(x, self.weight, self.eps, ops.resolve(self.kernels, x))
 
 
 def rope_cos_sin(
@@ -142,15 +151,11 @@ def rope_cos_sin(
     return emb.cos(), emb.sin()
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernels: str = "torch"
+) -> torch.Tensor:
     """Rotate x (B, H, T, hd) by the angles in cos/sin (T, hd); the multiply runs in x's dtype."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos + _rotate_half(x) * sin
+    return ops.apply_rope(x, cos, sin, ops.resolve(kernels, x))
 
 
 class Attention(nn.Module):
@@ -161,6 +166,7 @@ class Attention(nn.Module):
         self.n_kv_heads = cfg.n_kv_heads
         self.head_dim = cfg.head_dim
         self.dropout = cfg.dropout
+        self.kernels = cfg.kernels
         d, hd = cfg.d_model, cfg.head_dim
         self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
         self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
@@ -179,7 +185,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, hd).transpose(1, 2)  # (B, n_heads, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, hd).transpose(1, 2)  # (B, n_kv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, hd).transpose(1, 2)  # (B, n_kv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin, self.kernels), apply_rope(k, cos, sin, self.kernels)
 
         mask, is_causal = None, True
         if cache is not None:
@@ -214,17 +220,19 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+        self.kernels = cfg.kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = ops.swiglu(self.gate_proj(x), self.up_proj(x), ops.resolve(self.kernels, x))
+        return self.down_proj(h)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.kernels)
         self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.kernels)
         self.mlp = MLP(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
@@ -240,6 +248,28 @@ class Block(nn.Module):
         return x
 
 
+class LMHead(nn.Linear):
+    """The output projection; given labels it returns the chunked cross-entropy instead.
+
+    An `nn.Linear` (same weight name and type for export, LoRA and resizing) whose forward
+    also owns the loss, so ZeRO-3's module hooks gather the weight for it.
+    """
+
+    def __init__(self, d_model: int, vocab_size: int, kernels: str = "torch"):
+        super().__init__(d_model, vocab_size, bias=False)
+        self.kernels = kernels
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            return F.linear(x, self.weight)
+        # Logits in fp32 per chunk for the softmax: bf16 log-probs over a large vocabulary
+        # are too coarse. Sum / count: an all-masked batch (a prompt-only window of
+        # instruction data) gives 0 instead of NaN.
+        return ops.linear_cross_entropy(
+            x, self.weight, labels, ignore_index=IGNORE_INDEX, impl=ops.resolve(self.kernels, x)
+        )
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -247,8 +277,8 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.kernels)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, cfg.kernels)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.reset_parameters()
@@ -284,23 +314,16 @@ class GPT(nn.Module):
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)  # (T, hd)
 
         x = self.embed_tokens(input_ids)  # (B, T, d)
+        recompute = self.cfg.activation_checkpointing and self.training and cache is None
         for layer in self.layers:
-            x = layer(x, cos, sin, cache)
+            if recompute and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cache)
         x = self.norm(x)
         if cache is not None:
             cache.advance(T)
-
-        logits = self.lm_head(x)  # (B, T, V)
-        if labels is None:
-            return logits
-        # fp32 for the softmax: bf16 log-probs over a large vocabulary are too coarse.
-        # Sum / count rather than "mean": a batch whose targets are all masked (a prompt-only
-        # window of instruction data) gives 0 instead of NaN.
-        labels = labels.reshape(B * T)
-        total = F.cross_entropy(
-            logits.float().view(B * T, -1), labels, ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        return self.lm_head(x, labels)  # logits (B, T, V), or the loss given labels
 
     def _check_inputs(self, input_ids: torch.Tensor, past: int, cache: KVCache | None) -> None:
         B, T = input_ids.shape

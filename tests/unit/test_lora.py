@@ -138,20 +138,25 @@ def chat_batch(model_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gradients(model: GPT, tokens: torch.Tensor, mask: torch.Tensor):
-    """Gradients of every parameter, and of the loss w.r.t. the logits."""
+    """Gradients of every parameter, and of the loss w.r.t. each position's final hidden state.
+
+    The training loss never materialises the logits (chunked linear + cross-entropy), so the
+    per-position signal is the gradient at the lm_head's input: d loss/d h_t = d loss/d
+    logits_t @ W, zero exactly where the logits' gradient is.
+    """
     model.zero_grad()
     captured = {}
 
-    def keep_logits(module, args, output):
-        output.retain_grad()
-        captured["logits"] = output
+    def keep_hidden(module, args):
+        args[0].retain_grad()
+        captured["hidden"] = args[0]
 
-    hook = model.lm_head.register_forward_hook(keep_logits)
+    hook = model.lm_head.register_forward_pre_hook(keep_hidden)
     inputs, labels = masked_labels(tokens, mask)
     model(inputs, labels).backward()
     hook.remove()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return grads, captured["logits"].grad, labels
+    return grads, captured["hidden"].grad, labels
 
 
 def test_masked_positions_contribute_zero_gradient():
