@@ -36,7 +36,7 @@ _U64 = (1 << 64) - 1
 
 def _odd_constant(i: int) -> np.uint64:
     # Python ints, masked: numpy warns on uint64 scalar overflow, arrays wrap silently.
-    return np.uint64((i * _GOLDEN + 1) & _U64)
+    return np.uint64((int(i) * _GOLDEN + 1) & _U64)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
