@@ -85,8 +85,8 @@ class Blend:
         sample = np.empty_like(local)
         for k in np.unique(source):
             m = source == k
-            n = int(self.sizes[k])
-            sample[m] = local[m] % n if self.seed is None else shuffled(local[m], n, self.seed, int(k))
+            n, k = int(self.sizes[k]), int(k)
+            sample[m] = local[m] % n if self.seed is None else shuffled(local[m], n, self.seed, k)
         return source, sample
 
     def consumed(self, consumed_samples: int) -> np.ndarray:
