@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import hashlib
 import importlib.util
 import inspect
 import json
@@ -74,9 +75,27 @@ class ModelConfig:
 
 
 @dataclass
+class MixSource:
+    path: str = ""
+    "Prepared dataset directory of this source."
+    weight: float = 1.0
+    "Relative share of training samples (weights need not sum to 1)."
+    name: str | None = None
+    "Name in metrics (`epochs`, `val_loss/<name>`); default: the directory's name."
+
+
+@dataclass
 class DataConfig:
     path: str = ""
-    "Prepared dataset directory (output of `dsfm prepare`)."
+    "Prepared dataset directory (output of `dsfm prepare`); one-source shorthand for mix."
+    mix: list[MixSource] = field(default_factory=list)
+    "Weighted blend of prepared datasets: [{path: A, weight: 0.7}, {path: B, weight: 0.3}]."
+
+    def sources(self) -> list[tuple[str, str, float]]:
+        """(name, path, weight) of every source: `mix`, or `path` as one source."""
+        if not self.mix:
+            return [(Path(self.path).name, self.path, 1.0)] if self.path else []
+        return [(m.name or Path(m.path).name, m.path, m.weight) for m in self.mix]
 
 
 @dataclass
@@ -308,6 +327,16 @@ def _build_section(section: str, cls: type, value: dict[str, Any], problems: lis
 
 def _coerce(value: Any, tp: Any) -> Any:
     """A YAML/CLI value converted to the annotated type, or TypeError saying what was expected."""
+    if dataclasses.is_dataclass(tp):  # a list item such as data.mix's {path:, weight:}
+        hints = typing.get_type_hints(tp)
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a mapping with keys {', '.join(hints)}, got {value!r}")
+        for key in value:
+            if key not in hints:
+                raise TypeError(f"unknown key {key!r}{_suggest(str(key), list(hints))}")
+        return tp(**{k: _coerce(v, hints[k]) for k, v in value.items()})
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -484,24 +513,51 @@ def check(cfg: Config, world_size: int = 1, *, check_data: bool = True) -> list[
     return p
 
 
+# What a blend's sources must share: same token ids meaning the same thing, same loss kind.
+SHARED_META = ("vocab_size", "eot_id", "loss_mask", "chat_template")
+
+
 def _check_data(cfg: Config, p: list[str]) -> None:
-    if not cfg.data.path:
+    d = cfg.data
+    if d.path and d.mix:
         p.append(
-            "data.path is not set (prepare a dataset with `dsfm prepare` and pass data.path=DIR)"
+            "data.path and data.mix are both set; use data.path for one dataset, data.mix "
+            "for a blend"
         )
         return
-    meta_path = Path(cfg.data.path) / "meta.json"
-    if not meta_path.is_file():
+    if not d.path and not d.mix:
         p.append(
-            f"data.path={cfg.data.path}: no meta.json there; is it a directory made by "
-            "`dsfm prepare`?"
+            "data.path is not set (prepare a dataset with `dsfm prepare` and pass data.path=DIR, "
+            "or blend several with data.mix)"
         )
         return
-    try:
-        data_vocab = int(json.loads(meta_path.read_text())["vocab_size"])
-    except (ValueError, KeyError, TypeError) as e:
-        p.append(f"{meta_path} is unreadable or has no vocab_size ({e}); re-run `dsfm prepare`")
+    where = "data.path" if d.path else "data.mix"
+    sources = d.sources()
+    names = [name for name, _, _ in sources]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        p.append(f"data.mix: two sources are named {name!r}; give each a distinct `name:`")
+    facts: dict[str, tuple] = {}
+    for name, path, weight in sources:
+        label = f"{where}={path}" if d.path else f"data.mix source {name!r} ({path or '?'})"
+        if not weight > 0:
+            p.append(f"{label}: weight must be > 0, got {weight}")
+        info = _dataset_facts(path, label, p, blend=bool(d.mix))
+        if info is not None:
+            facts[name] = info
+    if not facts:
         return
+    (first, ref), *rest = facts.items()
+    for name, info in rest:
+        diff = [f"{k} {a!r} vs {b!r}" for k, a, b in zip(SHARED_META, ref, info) if a != b]
+        if info[-1] != ref[-1]:
+            diff.append("tokenizer.json differs")
+        if diff:
+            p.append(
+                f"data.mix sources {first!r} and {name!r} were prepared with different tokenizers "
+                f"or data kinds ({'; '.join(diff[:3])}); prepare both with the same tokenizer "
+                "(dsfm prepare --tokenizer FILE)"
+            )
+    data_vocab = max(info[0] for info in facts.values())
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = data_vocab
     elif cfg.model.vocab_size < data_vocab:
@@ -510,6 +566,35 @@ def _check_data(cfg: Config, p: list[str]) -> None:
             f"vocabulary ({data_vocab}); token ids would overflow the embedding "
             "(set model.vocab_size=0 to take the data's)"
         )
+
+
+def _dataset_facts(path: str, label: str, p: list[str], blend: bool) -> tuple | None:
+    """SHARED_META values plus the tokenizer file's hash (blends only), or None after noting
+    the problem."""
+    meta_path = Path(path) / "meta.json"
+    if not path or not meta_path.is_file():
+        p.append(f"{label}: no meta.json there; is it a directory made by `dsfm prepare`?")
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        vocab = int(meta["vocab_size"])
+    except (ValueError, KeyError, TypeError) as e:
+        p.append(f"{meta_path} is unreadable or has no vocab_size ({e}); re-run `dsfm prepare`")
+        return None
+    digest = None
+    if blend:
+        tok_path = Path(path) / str(meta.get("tokenizer", "tokenizer.json"))
+        if not tok_path.is_file():
+            p.append(f"{label}: {tok_path.name} is missing; re-run `dsfm prepare`")
+            return None
+        digest = hashlib.sha256(tok_path.read_bytes()).hexdigest()
+    return (
+        vocab,
+        meta.get("eot_id"),
+        bool(meta.get("loss_mask")),
+        meta.get("chat_template"),
+        digest,
+    )
 
 
 # ---------------------------------------------------------------- writing and docs
@@ -564,5 +649,13 @@ def reference() -> str:
             lines.append(
                 f"| `{name}.{f.name}` | `{json.dumps(default)}` | {docs.get(f.name, '')} |"
             )
+            item = typing.get_args(typing.get_type_hints(cls)[f.name])
+            if item and dataclasses.is_dataclass(item[0]):  # list entries: data.mix[].path
+                item_docs = field_docs(item[0])
+                for sub in dataclasses.fields(item[0]):
+                    lines.append(
+                        f"| `{name}.{f.name}[].{sub.name}` | `{json.dumps(sub.default)}` | "
+                        f"{item_docs.get(sub.name, '')} |"
+                    )
         lines.append("")
     return "\n".join(lines)

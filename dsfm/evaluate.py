@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
+from dsfm.data.blend import BlendedDataset
 from dsfm.data.dataset import TokenDataset
 from dsfm.model.gpt import IGNORE_INDEX
 from dsfm.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -103,6 +104,33 @@ def perplexity(loss: float) -> float:
 
 def summary(loss: float) -> dict[str, Any]:
     return {"val_loss": loss, "val_ppl": perplexity(loss)}
+
+
+def blend_summary(
+    forward: Callable[..., torch.Tensor],
+    blend: BlendedDataset,
+    n_samples: int,
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """`summary` of a blend's first `n_samples` positions, plus `val_loss/<name>` per source.
+
+    Each source's share is evaluated on its own dataset and split across ranks on its own
+    (cut to a multiple of the world size), so every rank runs the same forwards (ZeRO-3) and
+    the blended loss is the token-weighted sum of the sources' nats, not a mean of means.
+    """
+    nats = tokens = 0.0
+    per_source = {}
+    positions = range(min(len(blend), n_samples))
+    for name, dataset, samples in zip(blend.names, blend.datasets, blend.by_source(positions)):
+        n = len(samples) // world_size * world_size
+        mine = samples[rank * n // world_size : (rank + 1) * n // world_size].tolist()
+        s_nats, s_tokens, _ = loss_totals(forward, dataset, mine, micro_batch_size, device)
+        per_source[f"val_loss/{name}"] = s_nats / s_tokens if s_tokens else float("nan")
+        nats, tokens = nats + s_nats, tokens + s_tokens
+    return {**summary(nats / tokens if tokens else float("nan")), **per_source}
 
 
 # ---------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ import torch.distributed as torch_dist
 from dsfm import checkpoint, dist, evaluate
 from dsfm import engine as ds_engine
 from dsfm.config import Config, ConfigError, check, from_dict, load_config, save_config, to_dict
+from dsfm.data.blend import BlendedDataset, open_split
 from dsfm.data.dataset import TokenDataset
 from dsfm.data.sampler import Sampler
 from dsfm.finetune import prompt_ids
@@ -164,9 +166,9 @@ class Trainer:
         self.device = ds_engine.device()
         self.global_batch = t.micro_batch_size * t.grad_accum * self.world
 
-        self.train_data = TokenDataset(cfg.data.path, "train", t.seq_len)
+        self.train_data = open_data(cfg, "train")
         self.val_data = self._val_split()
-        self.tokenizer_path = Path(cfg.data.path) / "tokenizer.json"
+        self.tokenizer_path = Path(cfg.data.sources()[0][1]) / "tokenizer.json"
         self.tokenizer = Tokenizer.load(self.tokenizer_path)
 
         resume_tag = checkpoint.latest_tag(self.ckpt_dir)
@@ -187,8 +189,14 @@ class Trainer:
         self.engine.lr_scheduler.step(1)
         seed_everything(t.seed + 1000 * self.rank)  # dropout streams differ per rank
 
+        # A blend orders its own samples (per-source shuffles); the sampler only counts.
         self.sampler = Sampler(
-            len(self.train_data), self.global_batch, self.rank, self.world, seed=t.seed
+            len(self.train_data),
+            self.global_batch,
+            self.rank,
+            self.world,
+            seed=t.seed,
+            shuffle=not isinstance(self.train_data, BlendedDataset),
         )
         self.step, self.tokens, self.elapsed_s = 0, 0, 0.0
         self.best_val_loss = math.inf
@@ -203,9 +211,9 @@ class Trainer:
         if resume_tag is not None:
             self._resume()
 
-    def _val_split(self) -> TokenDataset | None:
+    def _val_split(self) -> TokenDataset | BlendedDataset | None:
         try:
-            data = TokenDataset(self.cfg.data.path, "val", self.cfg.train.seq_len)
+            data = open_data(self.cfg, "val", warn=lambda m: dist.print0(f"warning: {m}"))
         except ValueError as e:
             dist.print0(f"warning: no validation ({e})")
             return None
@@ -330,22 +338,30 @@ class Trainer:
             "tok_per_s": tok_per_s,
             "mfu": mfu(tok_per_s, self.flops_per_token, self.world, self.peak),
             "elapsed_s": self.elapsed_s,
-            "epoch": self.sampler.epoch,
+            **self.epoch_fields(),
             "stop": stop,
         }
+
+    def epoch_fields(self) -> dict[str, Any]:
+        """`epoch` (whole epochs begun) for one dataset; fractional `epochs` per blend source."""
+        if isinstance(self.train_data, BlendedDataset):
+            return {"epochs": self.train_data.epochs(self.sampler.consumed_samples)}
+        return {"epoch": self.sampler.epoch}
 
     def evaluate(self, log: RunLogger) -> dict[str, Any]:
         e = self.cfg.eval
         self.engine.eval()
-        indices = evaluate.eval_indices(
-            self.val_data,
-            e.batches * self.cfg.train.micro_batch_size * self.world,
-            self.rank,
-            self.world,
-        )
-        loss = evaluate.mean_loss(
-            self.engine, self.val_data, indices, self.cfg.train.micro_batch_size, self.device
-        )
+        n_samples = e.batches * self.cfg.train.micro_batch_size * self.world
+        micro = self.cfg.train.micro_batch_size
+        if isinstance(self.val_data, BlendedDataset):
+            result = evaluate.blend_summary(
+                self.engine, self.val_data, n_samples, micro, self.rank, self.world, self.device
+            )
+        else:
+            indices = evaluate.eval_indices(self.val_data, n_samples, self.rank, self.world)
+            loss = evaluate.mean_loss(self.engine, self.val_data, indices, micro, self.device)
+            result = evaluate.summary(loss)
+        loss = result["val_loss"]
         chat = "chat_template" in self.train_data.meta
         # Every rank generates: ZeRO-3 forwards are collective.
         for i, prompt in enumerate(e.prompts):
@@ -367,7 +383,7 @@ class Trainer:
             self.best_val_loss = loss
             if self.cfg.checkpoint.save_best:
                 self.save("best", update_latest=False)
-        return evaluate.summary(loss)
+        return result
 
     def save(self, tag: str, update_latest: bool = True) -> None:
         checkpoint.save(
@@ -382,6 +398,17 @@ class Trainer:
         if dist.is_rank0():
             checkpoint.prune(self.ckpt_dir, self.cfg.checkpoint.keep_last)
         barrier()
+
+
+def open_data(
+    cfg: Config, split: str, warn: Callable[[str], None] | None = None
+) -> TokenDataset | BlendedDataset:
+    """`data.path`'s split, or the blend of `data.mix`'s (shuffled per source for training;
+    validation takes each source's first samples, the same every eval)."""
+    if not cfg.data.mix:
+        return TokenDataset(cfg.data.path, split, cfg.train.seq_len)
+    seed = cfg.train.seed if split == "train" else None
+    return open_split(cfg.data.sources(), split, cfg.train.seq_len, seed, warn)
 
 
 def status_line(row: dict[str, Any], max_steps: int) -> str:

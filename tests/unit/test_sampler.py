@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 
-from dsfm.data.sampler import Sampler
+from dsfm.data.sampler import Sampler, permute, shuffled
 
 N = 103  # not a multiple of any batch size below, so batches straddle epochs
 
@@ -109,3 +111,70 @@ def test_bad_arguments(kwargs):
         Sampler(N, **kwargs)
     with pytest.raises(ValueError, match="num_samples"):
         Sampler(0, 8)
+
+
+# ---------------------------------------------------------------- the O(1) permutation
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 65, 1000, 4099, 65537])
+def test_permute_is_a_bijection_for_any_n(n):
+    for seed, epoch, stream in [(0, 0, 0), (3, 1, 0), (3, 0, 2), (2**40 + 1, 7, 5)]:
+        perm = permute(np.arange(n), n, seed, epoch, stream)
+        assert perm.dtype == np.int64
+        assert sorted(perm.tolist()) == list(range(n)), (n, seed, epoch, stream)
+
+
+def test_permute_is_deterministic_and_keyed():
+    n = 1000
+    base = permute(np.arange(n), n, seed=4, epochs=2, stream=1)
+    np.testing.assert_array_equal(base, permute(np.arange(n), n, seed=4, epochs=2, stream=1))
+    # Any single part of the key gives another order: at most a few coincident positions.
+    for other in [(5, 2, 1), (4, 3, 1), (4, 2, 0)]:
+        assert (permute(np.arange(n), n, *other) == base).sum() < 20, other
+    # Computed per index: a subset or a mixed-epoch batch matches the full epochs.
+    picked = np.array([999, 0, 500, 17])
+    np.testing.assert_array_equal(permute(picked, n, 4, 2, 1), base[picked])
+    epochs = np.array([2, 5, 2, 5])
+    mixed = permute(picked, n, 4, epochs, 1)
+    np.testing.assert_array_equal(mixed[::2], base[picked[::2]])
+    np.testing.assert_array_equal(mixed[1::2], permute(np.arange(n), n, 4, 5, 1)[picked[1::2]])
+
+
+def test_shuffled_order_is_epoch_by_epoch_permutations():
+    n = 37
+    order = shuffled(np.arange(3 * n), n, seed=1)
+    for e in range(3):
+        np.testing.assert_array_equal(order[e * n : (e + 1) * n], permute(np.arange(n), n, 1, e))
+
+
+def test_a_billion_samples_start_without_allocating_them():
+    tracemalloc.start()
+    try:
+        sampler = Sampler(10**9, 1024, rank=1, world_size=2, seed=7, consumed_samples=10**12)
+        batches = take(sampler, 3)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # O(batch): a few arrays of 512 int64; the old rng.permutation(10**9) needed 8 GB.
+    assert peak < 1_000_000, peak
+    flat = np.concatenate(batches)
+    assert flat.shape == (3 * 512,) and len(np.unique(flat)) == flat.size
+    assert flat.min() >= 0 and flat.max() < 10**9
+
+
+def test_unshuffled_sampler_hands_out_positions():
+    s = Sampler(10, 4, rank=1, world_size=2, shuffle=False, consumed_samples=8)
+    np.testing.assert_array_equal(take(s, 2), [[10, 11], [14, 15]])  # positions go past n
+
+
+@pytest.mark.parametrize("consumed", [0, N - 3, 5 * N - 1, 10**15 + 7])
+def test_any_world_size_sees_the_same_global_batch(consumed):
+    """Elastic resume at any point, including mid-batch epoch boundaries."""
+    per_world = {
+        w: global_batches(w, 5, global_batch_size=8, seed=11, consumed_samples=consumed)
+        for w in (1, 2, 4)
+    }
+    np.testing.assert_array_equal(np.stack(per_world[1]), np.stack(per_world[2]))
+    np.testing.assert_array_equal(np.stack(per_world[1]), np.stack(per_world[4]))
+    flat = Sampler(N, 40, seed=11).indices_at(consumed, 40)
+    np.testing.assert_array_equal(np.concatenate(per_world[1]), flat)
