@@ -146,8 +146,9 @@ def test_evaluate_checkpoint_deterministic_and_max_samples(byte_ckpt, ascii_data
         direct = model(batch[:, :-1], labels=batch[:, 1:]).item()
     assert few["loss"] == pytest.approx(direct, rel=1e-6)
     small = TokenDataset(ascii_data, "train", 16)
+    # Different batch sizes sum the chunked loss in a different order: fp32 rounding only.
     assert mean_loss(model, small, list(range(5)), 2, torch.device("cpu")) == pytest.approx(
-        few["loss"], rel=1e-12
+        few["loss"], rel=1e-6
     )
     with pytest.raises(ValueError, match="max_seq_len"):
         evaluate_checkpoint(byte_ckpt, ascii_data, seq_len=65)
