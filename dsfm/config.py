@@ -129,7 +129,7 @@ class TrainConfig:
     spike_skip: bool = False
     "Skip the update of a spike step (it is always logged as an event in metrics.jsonl)."
     watchdog_s: float = 1800.0
-    "Exit non-zero when a rank makes no progress for this long (also the collective timeout)."
+    "Exit non-zero when a rank makes no progress for this long (0 = off); collectives: 2x."
 
 
 @dataclass

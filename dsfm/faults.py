@@ -124,11 +124,14 @@ class Verdict:
 class LossGuard:
     """Decides, from the all-reduced loss, whether a step is bad; tracks the bad streak.
 
-    A spike is a loss above mean + `sigma` * std of the last `window` good losses (once at
-    least `window // 2` are known, so the warm-up's falling loss does not count as history).
+    A spike is a loss above mean + `sigma` * std of the last `window` good losses, judged
+    once `min_history` are known (a handful: the band is wide while the history is short).
     """
 
-    def __init__(self, spike_sigma: float, spike_skip: bool, window: int = 100) -> None:
+    def __init__(
+        self, spike_sigma: float, spike_skip: bool, window: int = 50, min_history: int = 8
+    ) -> None:
+        self.min_history = min_history
         self.sigma, self.spike_skip = spike_sigma, spike_skip
         self.history: deque[float] = deque(maxlen=window)
         self.bad_streak = 0
@@ -138,7 +141,7 @@ class LossGuard:
     def judge(self, loss: float) -> Verdict:
         if not math.isfinite(loss):
             return Verdict(skip=True, event="nonfinite")
-        if self.sigma > 0 and len(self.history) >= max(2, self.history.maxlen // 2):
+        if self.sigma > 0 and len(self.history) >= max(2, self.min_history):
             mean = sum(self.history) / len(self.history)
             std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / len(self.history))
             if loss > mean + self.sigma * std:

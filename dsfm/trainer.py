@@ -61,7 +61,8 @@ def run(config_path: str | None, ds_path: str, overrides: list[str]) -> dict[str
     launch = dist.ensure_env()
     cfg, ds = resolve_configs(config_path, ds_path, overrides, dist.world_size())
     dist.print0(dist.describe(launch))
-    ds_engine.init_distributed(cfg.train.watchdog_s)
+    # The watchdog names the stuck rank; the backend timeout, later, is the backstop.
+    ds_engine.init_distributed(2 * cfg.train.watchdog_s)
     trainer = Trainer(cfg, ds)
     return trainer.fit()
 
@@ -204,6 +205,7 @@ class Trainer:
     def _resume(self, tag: str) -> None:
         state = self._load(tag)
         self.sampler.load_state_dict(state["sampler"])
+        self.guard.total_bad = state.get("bad_steps", 0)
         dist.print0(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
 
     def _load(self, tag: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ def test_nonfinite_is_always_skipped_and_streaks_count():
 
 
 def test_spike_needs_history_and_sigma():
-    guard = faults.LossGuard(spike_sigma=3.0, spike_skip=True, window=10)
+    guard = faults.LossGuard(spike_sigma=3.0, spike_skip=True, window=10, min_history=5)
     assert guard.judge(100.0).event is None  # no history yet: the first losses are never spikes
     for i, loss in enumerate([2.0, 2.1, 1.9, 2.05, 1.95]):
         guard.record(i, loss, applied=True)
