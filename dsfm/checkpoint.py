@@ -169,7 +169,7 @@ def clean_stale(ckpt_dir: Path) -> list[str]:
     for p in sorted(ckpt_dir.iterdir()):
         if p.name.startswith(OLD) and not (ckpt_dir / p.name[len(OLD) :]).exists():
             os.rename(p, ckpt_dir / p.name[len(OLD) :])
-        elif p.name.startswith((PARTIAL, OLD, ".latest.tmp-")):
+        elif p.name.startswith((PARTIAL, OLD, ".latest.tmp-", "universal-")):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
             removed.append(p.name)
     return removed
@@ -181,13 +181,55 @@ def load(engine: Any, ckpt_dir: Path, tag: str | None = None) -> dict[str, Any] 
     if tag is None:
         return None
     state = client_state(ckpt_dir, tag)
-    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    if saved_world_size(state) != dist.world_size() and engine.zero_optimization_stage() > 0:
+        load_resharded(engine, ckpt_dir, tag, state)
+    else:
+        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
     rng_file = ckpt_dir / tag / f"rng_rank{dist.rank()}.pt"
     if rng_file.is_file():  # absent when resuming on more ranks than saved
         set_rng_state(torch.load(rng_file, weights_only=False))
     return state
+
+
+def saved_world_size(state: dict[str, Any]) -> int:
+    """Ranks that wrote a tag (older tags: derived from the saved DeepSpeed batch sizes)."""
+    if "world_size" in state:
+        return state["world_size"]
+    ds = state["ds_config"]
+    per_rank = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
+    return ds["train_batch_size"] // per_rank
+
+
+def load_resharded(engine: Any, ckpt_dir: Path, tag: str, state: dict[str, Any]) -> None:
+    """Load ZeRO shards written by a different number of ranks.
+
+    ZeRO-1/2/3 cut the optimizer state (and ZeRO-3 the weights) into one flat piece per rank,
+    so the pieces of W ranks do not fit W' ranks. Rank 0 converts the tag to DeepSpeed's
+    universal format (per-parameter files), every rank loads its new piece from that, and the
+    conversion is deleted: the tag itself is never modified. ZeRO-0 state is not sharded.
+    """
+    universal = "universal-" + tag
+    dist.print0(
+        f"checkpoint {tag} was written by {saved_world_size(state)} rank(s), this run has "
+        f"{dist.world_size()}: re-sharding through DeepSpeed's universal checkpoint format"
+    )
+    if dist.is_rank0():
+        from dsfm.engine import to_universal
+
+        partial = ckpt_dir / (PARTIAL + universal)
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(ckpt_dir / universal, ignore_errors=True)
+        to_universal(ckpt_dir / tag, partial)
+        os.rename(partial, ckpt_dir / universal)
+    barrier()
+    from dsfm.engine import load_universal
+
+    load_universal(engine, ckpt_dir, universal)
+    barrier()
+    if dist.is_rank0():
+        shutil.rmtree(ckpt_dir / universal, ignore_errors=True)
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:

@@ -243,6 +243,41 @@ def step(engine: Any, grad_norm: float | None = None) -> None:
         del opt.step
 
 
+def to_universal(tag_dir: Path, out_dir: Path) -> None:
+    """Convert a ZeRO-1/2/3 tag into DeepSpeed's universal format (one file per parameter
+    and optimizer moment, independent of the number of ranks). Rank 0 only."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=str(tag_dir),
+        output_folder=str(out_dir),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # our tags predate the universal-info field: add it
+    )
+    with contextlib.redirect_stdout(sys.stderr):  # it prints progress to stdout
+        ds_to_universal(args)
+
+
+def load_universal(engine: Any, ckpt_dir: Path, tag: str) -> None:
+    """Load a universal tag: on any number of ranks, ZeRO shards re-cut for this world.
+
+    DeepSpeed reads `checkpoint.load_universal` from its config; flipping it around this
+    one load keeps every later load (a rollback) on the ordinary, faster path.
+    """
+    engine._config.load_universal_checkpoint = True
+    try:
+        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    finally:
+        engine._config.load_universal_checkpoint = False
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load universal checkpoint {ckpt_dir / tag}")
+
+
 def consolidated_state_dict(ckpt_dir: str | Path, tag: str, stage: int) -> dict[str, torch.Tensor]:
     """Full fp32 (stage >= 1: from the fp32 master shards) model weights of a checkpoint tag."""
     if stage >= 1:
