@@ -169,7 +169,7 @@ def clean_stale(ckpt_dir: Path) -> list[str]:
     for p in sorted(ckpt_dir.iterdir()):
         if p.name.startswith(OLD) and not (ckpt_dir / p.name[len(OLD) :]).exists():
             os.rename(p, ckpt_dir / p.name[len(OLD) :])
-        elif p.name.startswith((PARTIAL, OLD, ".latest.tmp-", "universal-")):
+        elif p.name.startswith((PARTIAL, OLD, ".latest.tmp-", "universal-", "latest_univ")):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
             removed.append(p.name)
     return removed
@@ -223,6 +223,7 @@ def load_resharded(engine: Any, ckpt_dir: Path, tag: str, state: dict[str, Any])
         shutil.rmtree(ckpt_dir / universal, ignore_errors=True)
         to_universal(ckpt_dir / tag, partial)
         os.rename(partial, ckpt_dir / universal)
+        (ckpt_dir / "latest_universal").unlink(missing_ok=True)  # the converter's; not ours
     barrier()
     from dsfm.engine import load_universal
 

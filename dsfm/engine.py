@@ -269,6 +269,10 @@ def load_universal(engine: Any, ckpt_dir: Path, tag: str) -> None:
     DeepSpeed reads `checkpoint.load_universal` from its config; flipping it around this
     one load keeps every later load (a rollback) on the ordinary, faster path.
     """
+    # DeepSpeed 0.19.8's ZeRO-3 universal load copies param group 0's hyper-parameters into
+    # every group, which would give norms our matrices' weight decay; keep our own.
+    groups = engine.optimizer.param_groups
+    ours = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in groups]
     engine._config.load_universal_checkpoint = True
     try:
         path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
@@ -276,6 +280,8 @@ def load_universal(engine: Any, ckpt_dir: Path, tag: str) -> None:
         engine._config.load_universal_checkpoint = False
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load universal checkpoint {ckpt_dir / tag}")
+    for group, hyper in zip(engine.optimizer.param_groups, ours):
+        group.update(hyper)
 
 
 def consolidated_state_dict(ckpt_dir: str | Path, tag: str, stage: int) -> dict[str, torch.Tensor]:
