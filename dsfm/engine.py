@@ -269,8 +269,10 @@ def load_universal(engine: Any, ckpt_dir: Path, tag: str) -> None:
     DeepSpeed reads `checkpoint.load_universal` from its config; flipping it around this
     one load keeps every later load (a rollback) on the ordinary, faster path.
     """
-    # DeepSpeed 0.19.8's ZeRO-3 universal load copies param group 0's hyper-parameters into
-    # every group, which would give norms our matrices' weight decay; keep our own.
+    # DeepSpeed 0.19.8's ZeRO-3 universal load (a) copies param group 0's hyper-parameters
+    # into every group, which would give norms our matrices' weight decay, and (b) gives all
+    # groups one shared Adam `step` tensor, which torch then increments once per group per
+    # update (wrong bias correction). Keep our hyper-parameters; give each group its own step.
     groups = engine.optimizer.param_groups
     ours = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in groups]
     engine._config.load_universal_checkpoint = True
@@ -282,6 +284,10 @@ def load_universal(engine: Any, ckpt_dir: Path, tag: str) -> None:
         raise RuntimeError(f"DeepSpeed could not load universal checkpoint {ckpt_dir / tag}")
     for group, hyper in zip(engine.optimizer.param_groups, ours):
         group.update(hyper)
+    torch_optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in torch_optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def consolidated_state_dict(ckpt_dir: str | Path, tag: str, stage: int) -> dict[str, torch.Tensor]:
