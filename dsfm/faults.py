@@ -27,8 +27,8 @@ returns at once when it is unset. Comma-separated `key=value` items:
   hang_at=3                 sleep forever at the start of this step
   kill_at=6:PHASE           SIGKILL this process at step 6 in PHASE: step (mid-step, after the
                             first backward), save_shards (after the engine wrote its files,
-                            before the tag is published), save_publish (after the rename,
-                            before `latest`), save_done (after `latest`)
+                            before the tag is published), save_publish (rank 0 only:
+                            after the rename, before `latest`), save_done (after `latest`)
   enospc_at=4               saving the checkpoint of step 4 fails with ENOSPC
   rank=1                    apply to this rank only (default: every rank)
 e.g. DSFM_FAULT="nan_at=5,rank=1".

@@ -195,6 +195,8 @@ def test_random_kills_and_sigterm_lose_nothing(byte_data, reference, tmp_path):
         step = min(done + rng.randint(1, 3), steps - 1)
         if kind in SAVE_PHASES:
             step += step % 2  # saves happen at even steps
+        if kind == "save_publish":
+            rank = 0  # publishing (rename, `latest`) is rank 0's job
         cmd = launch_cmd("zero2", args, port=29610 + trial % 30)
         if kind in ("kill9_any_time", "sigterm"):
             sig = "KILL" if kind == "kill9_any_time" else "TERM"
