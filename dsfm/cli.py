@@ -40,10 +40,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def train_main(args: argparse.Namespace) -> int:
+    from dsfm.checkpoint import CheckpointError
     from dsfm.trainer import EXIT_REQUEUE, run
 
     config = find_recipe(args.config) if args.config else None
-    summary = run(config, find_recipe(args.ds), args.overrides)
+    try:
+        summary = run(config, find_recipe(args.ds), args.overrides)
+    except CheckpointError as e:  # e.g. disk full: the message says what is intact and what to do
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     return EXIT_REQUEUE if summary.get("preempted") else 0
 
 

@@ -146,6 +146,16 @@ class TrainConfig:
     "Stop this invocation after this step with a checkpoint; the schedule still spans max_steps."
     compile: bool = False
     "torch.compile the model inside the DeepSpeed engine (engine.compile()); GPU speed-up."
+    max_bad_steps: int = 5
+    "Consecutive skipped (non-finite) steps before rolling back to the last good checkpoint."
+    rollback_lr_scale: float = 1.0
+    "Multiply the LR by this at each rollback (e.g. 0.5); 1 keeps the schedule as it was."
+    spike_sigma: float = 0.0
+    "Loss above the running mean by this many std devs is a spike event (0 disables)."
+    spike_skip: bool = False
+    "Skip the update of a spike step (it is always logged as an event in metrics.jsonl)."
+    watchdog_s: float = 1800.0
+    "Exit non-zero when a rank makes no progress for this long (0 = off); collectives: 2x."
 
 
 @dataclass
@@ -172,6 +182,8 @@ class CheckpointConfig:
     "Keep this many step checkpoints; `best` and `final` are kept besides."
     save_best: bool = True
     "Keep a `best` tag for the lowest validation loss."
+    allow_data_change: bool = False
+    "Resume even though the dataset or tokenizer differ from the checkpoint's (on purpose)."
 
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -429,6 +441,7 @@ def check(cfg: Config, world_size: int = 1, *, check_data: bool = True) -> list[
         ("train", "seq_len"),
         ("eval", "batches"),
         ("checkpoint", "keep_last"),
+        ("train", "max_bad_steps"),
     ]:
         value = getattr(getattr(cfg, sec), name)
         if value is None or value < 1:
@@ -440,6 +453,8 @@ def check(cfg: Config, world_size: int = 1, *, check_data: bool = True) -> list[
         ("optim", "weight_decay"),
         ("optim", "grad_clip"),
         ("train", "log_every"),
+        ("train", "spike_sigma"),
+        ("train", "watchdog_s"),
     ]:
         if getattr(getattr(cfg, sec), name) < 0:
             p.append(f"{sec}.{name} must be >= 0, got {getattr(getattr(cfg, sec), name)}")
@@ -485,6 +500,8 @@ def check(cfg: Config, world_size: int = 1, *, check_data: bool = True) -> list[
             f"schedule.warmup_steps={s.warmup_steps} must be below train.max_steps="
             f"{t.max_steps} (there would be no cosine phase)"
         )
+    if not 0.0 < t.rollback_lr_scale <= 1.0:
+        p.append(f"train.rollback_lr_scale must be in (0, 1], got {t.rollback_lr_scale}")
     lo = cfg.lora
     if lo.rank < 0 or lo.alpha <= 0 or not 0.0 <= lo.dropout < 1.0:
         p.append(

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -44,13 +46,15 @@ def device() -> torch.device:
     return torch.device(name, dist.local_rank())
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_s: float = 0) -> None:
+    """Join the process group; a collective that never completes errors after `timeout_s`."""
     backend = (
         "gloo" if accelerator_name() == "cpu" else get_accelerator().communication_backend_name()
     )
     if accelerator_name() != "cpu":
         get_accelerator().set_device(dist.local_rank())
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s > 0 else {}
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, **kwargs)
 
 
 def read_ds_config(path: str | Path) -> dict[str, Any]:
@@ -120,6 +124,11 @@ def fill_ds_config(ds: dict[str, Any], cfg: Config, world_size: int) -> dict[str
         if t.precision == "fp16":
             ds["fp16"].setdefault("loss_scale", 0)  # dynamic loss scaling
             ds["fp16"].setdefault("initial_scale_power", 16)
+    if ds.get("bf16", {}).get("enabled") and ds.get("bf16", {}).get("check_grad_overflow") is False:
+        problems.append(
+            "DeepSpeed config sets bf16.check_grad_overflow=false; dsfm relies on it to skip "
+            "updates with a non-finite gradient norm (remove the key)"
+        )
     if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
         problems.append("DeepSpeed config enables both bf16 and fp16; pick one (train.precision)")
     leftover = _find_auto(ds)
@@ -199,6 +208,95 @@ def grad_norm_before_step(engine: Any) -> float | None:
         p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None
     ]
     return torch.stack(norms).norm().item() if norms else None
+
+
+def base_lrs(engine: Any) -> list[float]:
+    """The peak LRs the WarmupCosineLR schedule scales (one per param group)."""
+    return list(engine.lr_scheduler.org_lrs)
+
+
+def set_lr_scale(engine: Any, base: list[float], scale: float) -> None:
+    """Scale the whole schedule (a rollback's lower LR) and re-apply it at the current step.
+
+    WarmupCosineLR's state_dict holds only its position, so the scale lives in our client
+    state and is set again after every load.
+    """
+    sched = engine.lr_scheduler
+    sched.org_lrs = [lr * scale for lr in base]
+    sched.step(sched.last_batch_iteration)
+
+
+def step(engine: Any, grad_norm: float | None = None) -> None:
+    """`engine.step()`, except that ZeRO-0 in fp32 skips an update whose norm is not finite.
+
+    Every other stage/precision already discards such an update (see dsfm/faults.py); torch's
+    AdamW under ZeRO-0 would apply it. For that case the optimizer's step becomes a no-op for
+    this one call (weights and moments untouched) and `optimizer.overflow` tells DeepSpeed's
+    engine, which reads it after the step, to count a skipped step and leave the LR schedule
+    where it was, exactly as it does for its own optimizers. `grad_norm` is the pre-step norm
+    (`grad_norm_before_step`) at the accumulation boundary, None elsewhere.
+    """
+    own_check = engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled()
+    if grad_norm is None or own_check or engine.fp16_enabled():
+        engine.step()
+        return
+    opt = engine.optimizer
+    opt.overflow = not math.isfinite(grad_norm)  # set every step: the engine only checks hasattr
+    if not opt.overflow:
+        engine.step()
+        return
+    opt.step = lambda closure=None: None  # shadows the method for this call only
+    try:
+        engine.step()
+    finally:
+        del opt.step
+
+
+def to_universal(tag_dir: Path, out_dir: Path) -> None:
+    """Convert a ZeRO-1/2/3 tag into DeepSpeed's universal format (one file per parameter
+    and optimizer moment, independent of the number of ranks). Rank 0 only."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=str(tag_dir),
+        output_folder=str(out_dir),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # our tags predate the universal-info field: add it
+    )
+    with contextlib.redirect_stdout(sys.stderr):  # it prints progress to stdout
+        ds_to_universal(args)
+
+
+def load_universal(engine: Any, ckpt_dir: Path, tag: str) -> None:
+    """Load a universal tag: on any number of ranks, ZeRO shards re-cut for this world.
+
+    DeepSpeed reads `checkpoint.load_universal` from its config; flipping it around this
+    one load keeps every later load (a rollback) on the ordinary, faster path.
+    """
+    # DeepSpeed 0.19.8's ZeRO-3 universal load (a) copies param group 0's hyper-parameters
+    # into every group, which would give norms our matrices' weight decay, and (b) gives all
+    # groups one shared Adam `step` tensor, which torch then increments once per group per
+    # update (wrong bias correction). Keep our hyper-parameters; give each group its own step.
+    groups = engine.optimizer.param_groups
+    ours = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in groups]
+    engine._config.load_universal_checkpoint = True
+    try:
+        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    finally:
+        engine._config.load_universal_checkpoint = False
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load universal checkpoint {ckpt_dir / tag}")
+    for group, hyper in zip(engine.optimizer.param_groups, ours):
+        group.update(hyper)
+    torch_optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in torch_optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def consolidated_state_dict(ckpt_dir: str | Path, tag: str, stage: int) -> dict[str, torch.Tensor]:

@@ -9,6 +9,12 @@ step, save a checkpoint and exit with EXIT_REQUEUE, which the sbatch scripts rea
 me back in the queue"; a second signal exits at once. Ranks agree on stopping through the
 same all-reduce that averages the loss, so a signal seen by one rank stops all of them.
 
+Reliability (dsfm/faults.py, dsfm/watchdog.py, dsfm/resume.py, checkpoint.py): a step
+with a non-finite loss (or a loss spike, with train.spike_skip) is skipped on every rank
+alike and logged; a streak of them rolls back to an older checkpoint and keeps going past the
+bad data; a rank that stops making progress makes the job exit non-zero; checkpoints are
+published atomically and resume falls back past an incomplete newest tag.
+
 Exact resume: the whole training state is the DeepSpeed engine state (weights, ZeRO
 optimizer shards, LR schedule), the sampler's `consumed_samples`, per-rank RNG states
 and a few counters in the client state. Eval and sampling never touch the global RNG.
@@ -33,7 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from dsfm import checkpoint, dist, evaluate
+from dsfm import checkpoint, dist, evaluate, faults
 from dsfm import engine as ds_engine
 from dsfm.config import Config, ConfigError, check, from_dict, load_config, save_config, to_dict
 from dsfm.data.blend import BlendedDataset, open_split
@@ -44,7 +50,9 @@ from dsfm.generate import sample
 from dsfm.lora import apply_lora, resize_token_embeddings
 from dsfm.metrics import RunLogger, finite_or_none, mfu, peak_flops
 from dsfm.model.gpt import GPT
+from dsfm.resume import check_resume_compatible, data_fingerprint
 from dsfm.tokenizer import Tokenizer
+from dsfm.watchdog import Watchdog
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by a signal after saving; run again to continue
 EXIT_ABORTED = 143  # a second signal: stopped at once, no checkpoint
@@ -55,7 +63,8 @@ def run(config_path: str | None, ds_path: str, overrides: list[str]) -> dict[str
     launch = dist.ensure_env()
     cfg, ds = resolve_configs(config_path, ds_path, overrides, dist.world_size())
     dist.print0(dist.describe(launch))
-    ds_engine.init_distributed()
+    # The watchdog names the stuck rank; the backend timeout, later, is the backstop.
+    ds_engine.init_distributed(2 * cfg.train.watchdog_s)
     trainer = Trainer(cfg, ds)
     return trainer.fit()
 
@@ -126,36 +135,6 @@ def build_model(cfg: Config) -> GPT:
     return model
 
 
-MODEL_FIELDS_THAT_MUST_MATCH = (
-    "vocab_size",
-    "n_layers",
-    "d_model",
-    "n_heads",
-    "n_kv_heads",
-    "ffn_hidden",
-    "tie_embeddings",
-)
-
-
-def check_resume_compatible(saved: dict[str, Any], cfg: Config, where: Path) -> None:
-    diffs = [
-        f"model.{k}: checkpoint {saved['model'].get(k)!r} vs config {getattr(cfg.model, k)!r}"
-        for k in MODEL_FIELDS_THAT_MUST_MATCH
-        if saved["model"].get(k) != getattr(cfg.model, k)
-    ]
-    saved_rank = saved.get("lora", {}).get("rank", 0)
-    if saved_rank != cfg.lora.rank:
-        diffs.append(f"lora.rank: checkpoint {saved_rank} vs config {cfg.lora.rank}")
-    if diffs:
-        raise ConfigError(
-            [
-                f"{where} holds a different model than the config asks for; use a new "
-                "train.out_dir or restore the settings:",
-                *diffs,
-            ]
-        )
-
-
 class Trainer:
     def __init__(self, cfg: Config, ds: dict[str, Any]):
         self.cfg, self.ds = cfg, ds
@@ -171,10 +150,14 @@ class Trainer:
         self.tokenizer_path = Path(cfg.data.sources()[0][1]) / "tokenizer.json"
         self.tokenizer = Tokenizer.load(self.tokenizer_path)
 
-        resume_tag = checkpoint.latest_tag(self.ckpt_dir)
+        if dist.is_rank0():  # what a killed save left behind, before anyone reads the dir
+            checkpoint.clean_stale(self.ckpt_dir)
+        barrier()
+        self.data_fingerprint = data_fingerprint(cfg.data.sources())
+        resume_tag = checkpoint.resumable_tag(self.ckpt_dir)
         if resume_tag is not None:  # refuse a mismatched checkpoint before building anything
             saved = checkpoint.client_state(self.ckpt_dir, resume_tag)
-            check_resume_compatible(saved["config"], cfg, self.ckpt_dir / resume_tag)
+            check_resume_compatible(saved, cfg, self.ckpt_dir / resume_tag, self.data_fingerprint)
 
         seed_everything(t.seed)  # same init on every rank
         model = build_model(cfg)
@@ -187,6 +170,7 @@ class Trainer:
         # DeepSpeed's WarmupCosineLR gives the first two updates lr=0; start one step in so
         # update k (0-based) uses lr*(k+1)/warmup and the last update lands on min_lr_ratio.
         self.engine.lr_scheduler.step(1)
+        self.base_lrs = ds_engine.base_lrs(self.engine)
         seed_everything(t.seed + 1000 * self.rank)  # dropout streams differ per rank
 
         # A blend orders its own samples (per-source shuffles); the sampler only counts.
@@ -201,6 +185,9 @@ class Trainer:
         self.step, self.tokens, self.elapsed_s = 0, 0, 0.0
         self.best_val_loss = math.inf
         self.peak = peak_flops(self.device)
+        self.guard = faults.LossGuard(t.spike_sigma, t.spike_skip)
+        self.lr_scale, self.rollbacks = 1.0, 0
+        self.watchdog: Watchdog | None = None
 
         if dist.is_rank0():
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -209,7 +196,7 @@ class Trainer:
             shutil.copyfile(self.tokenizer_path, self.run_dir / "tokenizer.json")
         barrier()
         if resume_tag is not None:
-            self._resume()
+            self._resume(resume_tag)
 
     def _val_split(self) -> TokenDataset | BlendedDataset | None:
         try:
@@ -225,14 +212,54 @@ class Trainer:
             return None
         return data
 
-    def _resume(self) -> None:
-        state = checkpoint.load(self.engine, self.ckpt_dir)
+    def _resume(self, tag: str) -> None:
+        state = self._load(tag)
+        self.sampler.load_state_dict(state["sampler"])
+        self.guard.total_bad = state.get("bad_steps", 0)
+        dist.print0(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
+
+    def _load(self, tag: str) -> dict[str, Any]:
+        """Engine state and counters of `tag` (the sampler is the caller's choice)."""
+        state = checkpoint.load(self.engine, self.ckpt_dir, tag)
         self.step, self.tokens = state["step"], state["tokens"]
         self.elapsed_s, self.best_val_loss = state["elapsed_s"], state["best_val_loss"]
-        self.sampler.load_state_dict(state["sampler"])
-        dist.print0(
-            f"resumed from {self.ckpt_dir / checkpoint.latest_tag(self.ckpt_dir)} "
-            f"at step {self.step}"
+        self.lr_scale, self.rollbacks = state.get("lr_scale", 1.0), state.get("rollbacks", 0)
+        ds_engine.set_lr_scale(self.engine, self.base_lrs, self.lr_scale)
+        return state
+
+    def _rollback(self, log: RunLogger) -> None:
+        """After max_bad_steps skipped steps in a row: back to the newest checkpoint from
+        before the streak, keeping the data position so the offending batches are not seen
+        again (and lowering the LR if train.rollback_lr_scale < 1)."""
+        first_bad, from_step = self.guard.streak_start, self.step
+        tag = checkpoint.resumable_tag(self.ckpt_dir, before_step=first_bad)
+        if tag is None:
+            raise RuntimeError(
+                f"{self.guard.bad_streak} consecutive bad steps ({from_step - first_bad + 1} "
+                f"since step {first_bad}) and no checkpoint from before step {first_bad} to "
+                "roll back to; lower optim.lr, check the data, or save more often "
+                "(checkpoint.every)"
+            )
+        consumed = self.sampler.consumed_samples
+        self._load(tag)
+        self.sampler.load_state_dict({"consumed_samples": consumed})
+        self.lr_scale *= self.cfg.train.rollback_lr_scale
+        self.rollbacks += 1
+        ds_engine.set_lr_scale(self.engine, self.base_lrs, self.lr_scale)
+        self.guard.bad_streak, self.guard.streak_start = 0, None
+        log.log(
+            {
+                "step": self.step,
+                "event": "rollback",
+                "from_step": from_step,
+                "to_tag": tag,
+                "consumed_samples": consumed,
+                "lr_scale": self.lr_scale,
+            }
+        )
+        log.print(
+            f"rollback: {self.cfg.train.max_bad_steps} bad steps in a row at step {from_step}; "
+            f"restored {tag}, continuing past the bad data with lr x{self.lr_scale:g}"
         )
 
     def client_state(self) -> dict[str, Any]:
@@ -246,6 +273,11 @@ class Trainer:
             "ds_config": self.ds,
             "n_params": self.n_params,
             "versions": ds_engine.versions(),
+            "world_size": self.world,
+            "data_fingerprint": self.data_fingerprint,
+            "lr_scale": self.lr_scale,
+            "rollbacks": self.rollbacks,
+            "bad_steps": self.guard.total_bad,
         }
 
     # ------------------------------------------------------------------ loop
@@ -264,11 +296,27 @@ class Trainer:
         )
         last_row: dict[str, Any] = {}
         stop = StopSignal()
+        self.watchdog = Watchdog(t.watchdog_s, self.rank)
         try:
             end = min(t.max_steps, t.stop_at or t.max_steps)
             while self.step < end:
                 row = self.train_step(stop.received)
                 stopping = row.pop("stop")
+                event = row.pop("event")
+                if event is not None:
+                    log.log(
+                        {
+                            "step": self.step,
+                            "event": event,
+                            "value": row["loss"],
+                            "skipped": row["skipped"],
+                            "bad_streak": self.guard.bad_streak,
+                        }
+                    )
+                if self.guard.bad_streak >= t.max_bad_steps and not stopping:
+                    log.log(row)
+                    self._rollback(log)
+                    continue
                 last = self.step == t.max_steps
                 if self.val_data is not None and (
                     last or (self.cfg.eval.every and self.step % self.cfg.eval.every == 0)
@@ -296,6 +344,7 @@ class Trainer:
             if last_row and self.step == t.max_steps:
                 self.save("final")
         finally:
+            self.watchdog.stop()
             stop.restore()
             log.close()
         return {
@@ -308,6 +357,9 @@ class Trainer:
     def train_step(self, stop_requested: bool = False) -> dict[str, Any]:
         t = self.cfg.train
         start = time.perf_counter()
+        step = self.step + 1
+        self._beat("step")
+        faults.maybe_hang(step, self.rank)
         lr = self.engine.get_lr()[0]  # the LR this update will use
         indices = self.sampler.next_indices()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -316,12 +368,29 @@ class Trainer:
                 indices[k * t.micro_batch_size : (k + 1) * t.micro_batch_size]
             )
             loss = self.engine(x.to(self.device), labels=y.to(self.device))
+            if (factor := faults.loss_factor(step, self.rank)) != 1.0:
+                loss = loss * factor
+            loss_sum += loss.detach().double()
+            if k == t.grad_accum - 1:
+                # Decide before the last backward, from the all-reduced loss, so every rank
+                # agrees; a skip poisons the last gradient and DeepSpeed's overflow path
+                # discards the whole update (see dsfm/faults.py).
+                loss_mean, stop = reduce_step(loss_sum / t.grad_accum, stop_requested)
+                verdict = self.guard.judge(loss_mean)
+                if verdict.skip and math.isfinite(loss_mean):
+                    loss = loss * math.nan
             self.engine.backward(loss)
+            if k == 0:
+                faults.maybe_kill(step, self.rank, "step")
+            stage0_norm = None
             if k == t.grad_accum - 1:
                 stage0_norm = ds_engine.grad_norm_before_step(self.engine)
-            self.engine.step()
-            loss_sum += loss.detach().double()
-        loss_mean, stop = reduce_step(loss_sum / t.grad_accum, stop_requested)
+            ds_engine.step(self.engine, stage0_norm)
+        # fp16 loss-scale overflows are DeepSpeed's routine, not bad steps
+        applied = self.engine.was_step_applied() or ds_engine.precision(self.ds) == "fp16"
+        event = verdict.event or (None if applied else "nonfinite_grad")
+        skipped = verdict.skip or not applied
+        self.guard.record(step, loss_mean, not skipped, spike=verdict.event == "spike")
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = stage0_norm if grad_norm is None else grad_norm
         self.step += 1
@@ -339,7 +408,9 @@ class Trainer:
             "mfu": mfu(tok_per_s, self.flops_per_token, self.world, self.peak),
             "elapsed_s": self.elapsed_s,
             **self.epoch_fields(),
+            "skipped": skipped,
             "stop": stop,
+            "event": event,
         }
 
     def epoch_fields(self) -> dict[str, Any]:
@@ -348,8 +419,13 @@ class Trainer:
             return {"epochs": self.train_data.epochs(self.sampler.consumed_samples)}
         return {"epoch": self.sampler.epoch}
 
+    def _beat(self, phase: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat(self.step, phase)
+
     def evaluate(self, log: RunLogger) -> dict[str, Any]:
         e = self.cfg.eval
+        self._beat("eval")
         self.engine.eval()
         n_samples = e.batches * self.cfg.train.micro_batch_size * self.world
         micro = self.cfg.train.micro_batch_size
@@ -386,6 +462,7 @@ class Trainer:
         return result
 
     def save(self, tag: str, update_latest: bool = True) -> None:
+        self._beat(f"save {tag}")
         checkpoint.save(
             self.engine,
             self.ckpt_dir,
