@@ -338,6 +338,10 @@ class Trainer:
                         f"{EXIT_REQUEUE} (run again to continue)"
                     )
                     log.log({"step": self.step, "event": "preempted"})
+                    # No rank leaves before rank 0 has logged; from here a signal (srun
+                    # ending the others once one task exits) finds the work saved.
+                    barrier()
+                    stop.saved = True
                     return {"step": self.step, "tokens": self.tokens, "preempted": True}
                 if not last and (self.step == end or (c.every and self.step % c.every == 0)):
                     self.save(checkpoint.step_tag(self.step))
@@ -530,19 +534,22 @@ def reduce_step(loss: torch.Tensor, stop_requested: bool) -> tuple[float, bool]:
 
 
 class StopSignal:
-    """SIGUSR1/SIGTERM ask for a checkpoint and a clean exit; a second one exits at once."""
+    """SIGUSR1/SIGTERM ask for a checkpoint and a clean exit; a second one exits at once,
+    with EXIT_REQUEUE when the checkpoint is already saved (srun terminates the remaining
+    tasks as soon as one exits), else EXIT_ABORTED."""
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.received = False
+        self.saved = False
         self.previous = {}
         if threading.current_thread() is threading.main_thread():  # handlers need the main thread
             self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received:
-            os._exit(EXIT_ABORTED)
+            os._exit(EXIT_REQUEUE if self.saved else EXIT_ABORTED)
         self.received = True
         dist.print0(f"received {signal.Signals(signum).name}: stopping after this step")
 
