@@ -554,5 +554,7 @@ class StopSignal:
         dist.print0(f"received {signal.Signals(signum).name}: stopping after this step")
 
     def restore(self) -> None:
+        if self.saved:  # keep exiting 75 on a late signal until the process ends
+            return
         for s, handler in self.previous.items():
             signal.signal(s, handler)
