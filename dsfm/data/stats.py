@@ -17,7 +17,6 @@ Design choices:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from dsfm.data.dataset import META_FILE, read_meta, shards
+from dsfm.data.prepare import file_sha256
 from dsfm.tokenizer import Tokenizer
 
 CHUNK_TOKENS = 1 << 22
@@ -136,14 +136,6 @@ def _random_document(data_dir, meta, split_shards, tok, rng) -> dict[str, Any]:
 # verify
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_ids(tokens: np.memmap, vocab_size: int, where: str) -> list[str]:
     for start in range(0, len(tokens), CHUNK_TOKENS):
         chunk = np.asarray(tokens[start : start + CHUNK_TOKENS])
@@ -196,7 +188,7 @@ def verify(data_dir: str | Path) -> list[str]:
     for split in meta["splits"]:
         for shard in shards(meta, split):
             bin_path = data_dir / f"{shard['name']}.bin"
-            if "sha256" in shard and _sha256(bin_path) != shard["sha256"]:
+            if "sha256" in shard and file_sha256(bin_path) != shard["sha256"]:
                 problems.append(
                     f"{bin_path}: sha256 differs from {META_FILE}; the file was modified or "
                     "corrupted after `dsfm prepare` wrote it; prepare the dataset again"
