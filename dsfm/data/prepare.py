@@ -327,7 +327,7 @@ def _rows_documents(
                 raise ValueError(
                     f"{where} row {row}: {text_key!r} is a {type(text).__name__}, not a string"
                 )
-            stats.bytes += len(text)  # characters: the on-disk bytes are compressed
+            stats.bytes += len(text.encode("utf-8"))  # of the text: on disk it is compressed
             yield text, int(owed)
             owed -= int(owed)
 

@@ -81,6 +81,7 @@ def test_parquet_equals_jsonl(tmp_path):
     b = prep([tmp_path / "a.jsonl"], tmp_path / "js", text_key="content")
     assert a["splits"] == b["splits"]
     assert documents(tmp_path / "pq") == documents(tmp_path / "js")
+    assert a["sources"][0]["bytes"] == sum(len(d.encode()) for d in DOCS)  # of the text
     assert (
         a["sources"][0]["sha256"]
         == hashlib.sha256((tmp_path / "a.parquet").read_bytes()).hexdigest()
