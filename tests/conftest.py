@@ -52,16 +52,15 @@ def run_cmd(cmd: list[str], timeout: int = 600, check: bool = True) -> subproces
     return proc
 
 
-def deepspeed_train(
+def deepspeed_cmd(
     ds: str,
     overrides: list[str],
     nprocs: int = 2,
     port: int = 29510,
-    check: bool = True,
     launcher: str = "launchers/pretrain.py",
-) -> subprocess.CompletedProcess:
-    """Real DeepSpeed launcher, real ranks: `deepspeed --num_gpus N launchers/pretrain.py`."""
-    cmd = [
+) -> list[str]:
+    """`deepspeed --num_gpus N LAUNCHER --ds ds_configs/DS.json OVERRIDES...`."""
+    return [
         sys.executable,
         "-m",
         "deepspeed.launcher.runner",
@@ -74,7 +73,18 @@ def deepspeed_train(
         f"ds_configs/{ds}.json",
         *overrides,
     ]
-    return run_cmd(cmd, check=check)
+
+
+def deepspeed_train(
+    ds: str,
+    overrides: list[str],
+    nprocs: int = 2,
+    port: int = 29510,
+    check: bool = True,
+    launcher: str = "launchers/pretrain.py",
+) -> subprocess.CompletedProcess:
+    """Real DeepSpeed launcher, real ranks: `deepspeed --num_gpus N launchers/pretrain.py`."""
+    return run_cmd(deepspeed_cmd(ds, overrides, nprocs, port, launcher), check=check)
 
 
 def dsfm(*args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:

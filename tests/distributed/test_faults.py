@@ -16,7 +16,6 @@ import os
 import random
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pytest
 import torch
 
 from dsfm import checkpoint
-from tests.conftest import ROOT, TINY, job_env, read_metrics
+from tests.conftest import ROOT, TINY, deepspeed_cmd, job_env, read_metrics
 
 pytestmark = pytest.mark.distributed
 STEPS = 16
@@ -47,28 +46,12 @@ def common(byte_data, run_dir: Path, steps: int = STEPS) -> list[str]:
     ]
 
 
-def launch_cmd(ds: str, overrides: list[str], port: int, nprocs: int = 2) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--num_gpus",
-        str(nprocs),
-        "--master_port",
-        str(port),
-        "launchers/pretrain.py",
-        "--ds",
-        f"ds_configs/{ds}.json",
-        *overrides,
-    ]
-
-
 def train(ds: str, overrides: list[str], port: int, fault: str | None = None, nprocs: int = 2):
     env = job_env()
     if fault:
         env["DSFM_FAULT"] = fault
     return subprocess.run(
-        launch_cmd(ds, overrides, port, nprocs),
+        deepspeed_cmd(ds, overrides, nprocs, port),
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -197,7 +180,7 @@ def test_random_kills_and_sigterm_lose_nothing(byte_data, reference, tmp_path):
             step += step % 2  # saves happen at even steps
         if kind == "save_publish":
             rank = 0  # publishing (rename, `latest`) is rank 0's job
-        cmd = launch_cmd("zero2", args, port=29610 + trial % 30)
+        cmd = deepspeed_cmd("zero2", args, port=29610 + trial % 30)
         if kind in ("kill9_any_time", "sigterm"):
             sig = "KILL" if kind == "kill9_any_time" else "TERM"
             proc = signal_rank_after_progress(
