@@ -16,10 +16,13 @@ setup(
         "rich>=13",
         "tokenizers>=0.19",
         "safetensors>=0.4",    # plain checkpoints and Hugging Face export
+        "matplotlib>=3.7",     # dsfm plot dashboards
+        "wandb>=0.16",         # the W&B metrics sink (log.sinks: [wandb]); offline mode works
     ],
     extras_require={
         "data": ["pyarrow>=14", "zstandard>=0.22"],  # Parquet and .zst inputs to prepare
         "hf": ["datasets>=2.18"],                    # hf:NAME inputs to prepare
+        "tensorboard": ["tensorboard>=2.14"],        # the TensorBoard metrics sink
         "dev": [
             "pytest>=8",
             "pytest-timeout",
@@ -28,6 +31,7 @@ setup(
             "pyarrow>=14",
             "zstandard>=0.22",
             "datasets>=2.18",
+            "tensorboard>=2.14",
             # kernel tests run under TRITON_INTERPRET=1 on CPU; Linux wheels only
             "triton>=3.0; platform_system == 'Linux'",
         ],
