@@ -23,18 +23,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-# Dense bf16 tensor-core peak FLOP/s per device, by substring of the device name.
-PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 125e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-    "RTX 4060": 60e12,
-    "V100": 125e12,
-}
+from dsfm.gpus import PEAK_FLOPS
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -34,7 +34,6 @@ Design choices:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -44,46 +43,13 @@ from torch import nn
 
 from dsfm.config import ModelConfig
 from dsfm.model import ops
-from dsfm.model.presets import _swiglu_hidden
+from dsfm.model.sizes import (  # noqa: F401  (flops_per_token, non_embedding_params: re-exported)
+    flops_per_token,
+    non_embedding_params,
+    resolve_config,
+)
 
 IGNORE_INDEX = -100
-
-
-def resolve_config(cfg: ModelConfig) -> ModelConfig:
-    """A copy of `cfg` with `n_kv_heads`/`ffn_hidden` filled in and the sizes checked."""
-    n_kv_heads = cfg.n_kv_heads if cfg.n_kv_heads is not None else cfg.n_heads
-    ffn_hidden = cfg.ffn_hidden if cfg.ffn_hidden is not None else _swiglu_hidden(cfg.d_model)
-    problems = []
-    if cfg.vocab_size <= 0:
-        problems.append(f"vocab_size must be positive, got {cfg.vocab_size}")
-    if cfg.n_heads <= 0 or cfg.d_model % cfg.n_heads:
-        problems.append(f"n_heads ({cfg.n_heads}) must divide d_model ({cfg.d_model})")
-    elif (cfg.d_model // cfg.n_heads) % 2:
-        problems.append(f"head_dim ({cfg.d_model // cfg.n_heads}) must be even for RoPE")
-    if n_kv_heads <= 0 or cfg.n_heads % n_kv_heads:
-        problems.append(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({cfg.n_heads})")
-    if problems:
-        raise ValueError("invalid model config: " + "; ".join(problems))
-    return dataclasses.replace(cfg, n_kv_heads=n_kv_heads, ffn_hidden=ffn_hidden)
-
-
-def non_embedding_params(cfg: ModelConfig) -> int:
-    """Parameter count without the token embedding and lm_head, from the config alone."""
-    cfg = resolve_config(cfg)
-    d, hd = cfg.d_model, cfg.head_dim
-    attn = d * cfg.n_heads * hd * 2 + d * cfg.n_kv_heads * hd * 2  # q, o + k, v
-    mlp = 3 * d * cfg.ffn_hidden
-    norms = 2 * d
-    return cfg.n_layers * (attn + mlp + norms) + d  # + final norm
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), PaLM appendix B.
-
-    6N for the weight matmuls (N = non-embedding parameters) plus 12 * L * d * T for the
-    attention scores and weighted sum, which grow with the context length T.
-    """
-    return 6.0 * non_embedding_params(cfg) + 12.0 * cfg.n_layers * cfg.d_model * seq_len
 
 
 class KVCache:

@@ -1,0 +1,65 @@
+"""Parameter and FLOP counts from the model config alone: no torch, so `dsfm plan` starts fast.
+
+`GPT.num_params` counts the built module; these count the same tensors from the sizes
+(tests check they agree exactly). `flops_per_token` is the one training-FLOPs formula
+(metrics' MFU, benchmarks and the planner all use it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dsfm.config import ModelConfig
+from dsfm.model.presets import _swiglu_hidden
+
+
+def resolve_config(cfg: ModelConfig) -> ModelConfig:
+    """A copy of `cfg` with `n_kv_heads`/`ffn_hidden` filled in and the sizes checked."""
+    n_kv_heads = cfg.n_kv_heads if cfg.n_kv_heads is not None else cfg.n_heads
+    ffn_hidden = cfg.ffn_hidden if cfg.ffn_hidden is not None else _swiglu_hidden(cfg.d_model)
+    problems = []
+    if cfg.vocab_size <= 0:
+        problems.append(f"vocab_size must be positive, got {cfg.vocab_size}")
+    if cfg.n_heads <= 0 or cfg.d_model % cfg.n_heads:
+        problems.append(f"n_heads ({cfg.n_heads}) must divide d_model ({cfg.d_model})")
+    elif (cfg.d_model // cfg.n_heads) % 2:
+        problems.append(f"head_dim ({cfg.d_model // cfg.n_heads}) must be even for RoPE")
+    if n_kv_heads <= 0 or cfg.n_heads % n_kv_heads:
+        problems.append(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({cfg.n_heads})")
+    if problems:
+        raise ValueError("invalid model config: " + "; ".join(problems))
+    return dataclasses.replace(cfg, n_kv_heads=n_kv_heads, ffn_hidden=ffn_hidden)
+
+
+def block_params(cfg: ModelConfig) -> int:
+    """Parameters of one transformer block (attention, SwiGLU MLP, two RMSNorms)."""
+    cfg = resolve_config(cfg)
+    d, hd = cfg.d_model, cfg.head_dim
+    attn = d * cfg.n_heads * hd * 2 + d * cfg.n_kv_heads * hd * 2  # q, o + k, v
+    mlp = 3 * d * cfg.ffn_hidden
+    return attn + mlp + 2 * d
+
+
+def embedding_params(cfg: ModelConfig) -> int:
+    """Token embedding plus, when untied, the lm_head."""
+    return cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+
+
+def non_embedding_params(cfg: ModelConfig) -> int:
+    """Parameter count without the token embedding and lm_head, from the config alone."""
+    return cfg.n_layers * block_params(cfg) + cfg.d_model  # + final norm
+
+
+def num_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
+    """What `GPT(cfg).num_params(non_embedding)` returns, without building the model."""
+    n = non_embedding_params(cfg)
+    return n if non_embedding else n + embedding_params(cfg)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM appendix B.
+
+    6N for the weight matmuls (N = non-embedding parameters) plus 12 * L * d * T for the
+    attention scores and weighted sum, which grow with the context length T.
+    """
+    return 6.0 * non_embedding_params(cfg) + 12.0 * cfg.n_layers * cfg.d_model * seq_len
