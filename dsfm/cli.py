@@ -1,4 +1,5 @@
-"""`dsfm <verb>`: prepare, data, train, finetune, generate, eval, merge, export, import, config.
+"""`dsfm <verb>`: prepare, data, train, finetune, generate, eval, merge, export, import, plan,
+config.
 
 Thin: parse arguments, call the package.
 """
@@ -237,6 +238,50 @@ def config_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan_main(args: argparse.Namespace) -> int:
+    import json
+
+    from dsfm.config import load_config
+    from dsfm.ds_config import precision, read_ds_config
+    from dsfm.gpus import find_gpu
+    from dsfm.plan import GIB, VARIANTS, Hardware, make_plan, print_plan
+
+    if args.gpus < 1:
+        raise ValueError(f"--gpus must be >= 1, got {args.gpus}")
+    if args.gpu_mem is not None and args.gpu_mem <= 0:
+        raise ValueError(f"--gpu-mem must be > 0 GiB, got {args.gpu_mem}")
+    gpu = args.gpu or ("H100" if args.gpu_mem is None else None)  # the header names the card
+    name, peak, memory = find_gpu(gpu) if gpu else ("custom", None, args.gpu_mem)
+    hw = Hardware(
+        gpu=name,
+        n_gpus=args.gpus,
+        memory_bytes=(args.gpu_mem or memory) * GIB,
+        peak_flops=peak,
+        gpus_per_node=args.gpus_per_node or min(args.gpus, 8),
+    )
+    config = find_recipe(args.config) if args.config else None
+    cfg = load_config(config, args.overrides, world_size=args.gpus, check_data=False)
+    recipes = {v[0]: read_ds_config(find_recipe(f"ds_configs/{v[0]}.json")) for v in VARIANTS}
+    plan = make_plan(
+        cfg,
+        recipes,
+        cfg.train.precision or precision(read_ds_config(find_recipe(args.ds))),
+        hw,
+        tokens=int(args.tokens) if args.tokens is not None else None,
+        mfu=args.mfu,
+        vocab_size=args.vocab_size,
+        config_path=args.config,
+        overrides=args.overrides,
+    )
+    if args.json:
+        print(json.dumps(plan))
+    else:
+        from rich.console import Console
+
+        print_plan(plan, Console() if sys.stdout.isatty() else Console(width=120))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsfm", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -339,6 +384,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="send the prompt as a user turn of a chat model; print the reply",
     )
     p.set_defaults(func=generate_main)
+
+    p = sub.add_parser(
+        "plan", help="parameters, FLOPs, time and memory per ZeRO setup, before training"
+    )
+    p.add_argument("--config", help="training config YAML (e.g. configs/d12.yaml)")
+    p.add_argument(
+        "--ds",
+        default="ds_configs/zero0.json",
+        help="DeepSpeed config whose bf16/fp16 section gives the precision (train.precision "
+        "wins); every ds_configs/ recipe is planned",
+    )
+    p.add_argument("--gpus", type=int, default=1, help="GPUs in the job (default 1)")
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="for CPU RAM per node (default min(gpus, 8))",
+    )
+    p.add_argument(
+        "--gpu", default=None, help="card name: H100, A100, RTX 4090, ... (default H100)"
+    )
+    p.add_argument(
+        "--gpu-mem", type=float, default=None, help="GPU memory in GiB (another card, or override)"
+    )
+    p.add_argument(
+        "--tokens",
+        type=float,
+        default=None,
+        help="training tokens (default: max_steps x global batch x seq_len)",
+    )
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the time")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=32000,
+        help="vocabulary when neither model.vocab_size nor prepared data gives one",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object with every number")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.set_defaults(func=plan_main)
 
     p = sub.add_parser("config", help="print every setting's reference, or one resolved value")
     p.add_argument("--config", help="training config YAML")

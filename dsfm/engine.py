@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import json
 import math
 import os
 import sys
@@ -23,6 +22,7 @@ import torch
 
 from dsfm import dist
 from dsfm.config import Config, ConfigError
+from dsfm.ds_config import precision, read_ds_config, zero_stage  # noqa: F401 (engine API)
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -55,16 +55,6 @@ def init_distributed(timeout_s: float = 0) -> None:
         get_accelerator().set_device(dist.local_rank())
     kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s > 0 else {}
     deepspeed.init_distributed(dist_backend=backend, verbose=False, **kwargs)
-
-
-def read_ds_config(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError([f"DeepSpeed config {p} not found (see ds_configs/*.json)"])
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError([f"DeepSpeed config {p} is not valid JSON: {e}"]) from None
 
 
 def fill_ds_config(ds: dict[str, Any], cfg: Config, world_size: int) -> dict[str, Any]:
@@ -143,18 +133,6 @@ def _find_auto(node: Any, prefix: str = "") -> list[str]:
     if isinstance(node, dict):
         return [k for key, v in node.items() for k in _find_auto(v, f"{prefix}{key}.")]
     return [prefix.rstrip(".")] if node == "auto" else []
-
-
-def precision(ds: dict[str, Any]) -> str:
-    if ds.get("bf16", {}).get("enabled"):
-        return "bf16"
-    if ds.get("fp16", {}).get("enabled"):
-        return "fp16"
-    return "fp32"
-
-
-def zero_stage(ds: dict[str, Any]) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
