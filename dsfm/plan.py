@@ -136,7 +136,9 @@ def activation_bytes(
         + a * f * (4 if torch_ops else 3)  # gate, up, (silu(gate),) down_proj input
     )
     head = n * (norm + a * d + 4 + 8 + 8)  # final norm, lm_head input, lse; labels, ids
-    rope = 2 * seq_len * m.head_dim * 4  # cos, sin in fp32
+    rope = 2 * seq_len * m.head_dim * 4  # cos, sin in fp32: checkpoint inputs, or shared
+    if torch_ops and a != 4 and not checkpointing:  # the fallback's casts per q and k, per layer
+        rope = m.n_layers * 2 * 2 * seq_len * m.head_dim * a
     blocks = m.n_layers * (n * a * d if checkpointing else layer)
     chunk = max(1, min(n, math.ceil(n * d / m.vocab_size)))  # linear_cross_entropy's default
     logits = chunk * m.vocab_size * 4
