@@ -248,6 +248,8 @@ def plan_main(args: argparse.Namespace) -> int:
 
     if args.gpus < 1:
         raise ValueError(f"--gpus must be >= 1, got {args.gpus}")
+    if args.gpus_per_node is not None and args.gpus_per_node < 1:
+        raise ValueError(f"--gpus-per-node must be >= 1, got {args.gpus_per_node}")
     if args.gpu_mem is not None and args.gpu_mem <= 0:
         raise ValueError(f"--gpu-mem must be > 0 GiB, got {args.gpu_mem}")
     gpu = args.gpu or ("H100" if args.gpu_mem is None else None)  # the header names the card

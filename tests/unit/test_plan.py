@@ -202,3 +202,24 @@ def test_bad_input_exits_2_naming_the_problem(args, message, capsys):
     assert main(["plan", "--config", D12, *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dsfm plan: error:") and message in err
+
+
+def test_precision_and_vocab_sources(tmp_path, capsys):
+    fp32_ds = tmp_path / "fp32.json"
+    fp32_ds.write_text(json.dumps({"zero_optimization": {"stage": 0}}))  # no bf16/fp16 section
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "meta.json").write_text(json.dumps({"vocab_size": 4096}))
+    assert main(["plan", "--config", D12, "--ds", str(fp32_ds), f"data.path={data}", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["precision"] == "fp32" and plan["model"]["vocab_size"] == 4096
+    assert str(data / "meta.json") in plan["model"]["vocab_source"]
+    assert "train.precision=fp32" in plan["recommendation"]["command"]  # the recipes say bf16
+    # train.precision wins over the DeepSpeed JSON; model.vocab_size over the data.
+    assert (
+        main(["plan", "--config", D12, "train.precision=bf16", "model.vocab_size=512", "--json"])
+        == 0
+    )
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["precision"] == "bf16" and plan["model"]["vocab_size"] == 512
+    assert plan["rows"][0]["params_bytes"] == 2 * plan["model"]["params"]
