@@ -147,23 +147,28 @@ def activation_bytes(
     return {"saved": saved, "peak": saved + max(logits, layer if checkpointing else 0)}
 
 
-def buffer_bytes(zero: dict[str, Any], stage: int, precision: str, m: ModelConfig) -> float:
-    """Communication buckets and (ZeRO-3) gathered weights that the recipe's settings imply."""
-    p = bytes_per_value(precision)
-    bucket = float(zero.get("reduce_bucket_size", 5e8)) * p
-    offload = "offload_optimizer" in zero
-    if stage in (1, 2):
-        if not zero.get("contiguous_gradients", True) and not offload:
-            return 0.0
-        return bucket * (2 if zero.get("overlap_comm", False) else 1)
-    if stage == 3:
-        n = num_params(m)
-        largest = max(block_params(m), m.vocab_size * m.d_model)
-        prefetch = min(float(zero.get("stage3_prefetch_bucket_size", 5e7)), n)
-        threshold = float(zero.get("stage3_param_persistence_threshold", 1e5))
-        persistent = (2 * m.n_layers + 1) * m.d_model if m.d_model < threshold else 0
-        return bucket + (largest + prefetch + persistent) * p
+def bucket_bytes(zero: dict[str, Any], stage: int, precision: str) -> float:
+    """Gradient reduce buckets the recipe's zero_optimization section makes DeepSpeed allocate
+    (at full reduce_bucket_size, however small the model)."""
+    size = float(zero.get("reduce_bucket_size", 5e8)) * bytes_per_value(precision)
+    contiguous = zero.get("contiguous_gradients", True) or "offload_optimizer" in zero
+    if stage in (1, 2) and contiguous:
+        return size * (2 if zero.get("overlap_comm", False) else 1)  # double-buffered
+    if stage == 3 and contiguous:
+        return size
     return 0.0
+
+
+def gathered_bytes(zero: dict[str, Any], stage: int, precision: str, m: ModelConfig) -> float:
+    """ZeRO-3's whole weights on the GPU at a time: the module being computed (the largest:
+    a block or the embedding), the prefetch bucket and the small params it never shards."""
+    if stage != 3:
+        return 0.0
+    largest = max(block_params(m), m.vocab_size * m.d_model)
+    prefetch = min(float(zero.get("stage3_prefetch_bucket_size", 5e7)), num_params(m))
+    threshold = float(zero.get("stage3_param_persistence_threshold", 1e5))
+    persistent = (2 * m.n_layers + 1) * m.d_model if m.d_model < threshold else 0  # norms
+    return (largest + prefetch + persistent) * bytes_per_value(precision)
 
 
 def _row(
@@ -179,7 +184,8 @@ def _row(
     m = cfg.model
     states = model_state_bytes(num_params(m), precision, stage, hw.n_gpus, off_opt, off_params)
     act = activation_bytes(m, micro_batch, cfg.train.seq_len, precision, checkpointing)
-    buffers = buffer_bytes(recipe.get("zero_optimization", {}), stage, precision, m)
+    zero = recipe.get("zero_optimization", {})
+    buffers = bucket_bytes(zero, stage, precision) + gathered_bytes(zero, stage, precision, m)
     model_states = states["params"] + states["grads"] + states["optimizer"]
     total = model_states + act["peak"] + buffers + OVERHEAD_BYTES
     per_node = min(hw.n_gpus, hw.gpus_per_node)

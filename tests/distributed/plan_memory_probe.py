@@ -5,7 +5,8 @@ dsfm.engine.initialize, takes one step, then sums the bytes this rank holds of
 - weights: the module's parameters (ZeRO-1/2: the flat buffer they view), or under
   ZeRO-3 their partitions (`ds_tensor`);
 - optimizer: fp32 master partitions (`single_partition_of_fp32_groups`, ZeRO-3's
-  `fp32_partitioned_groups_flat`) and Adam's exp_avg / exp_avg_sq,
+  `fp32_partitioned_groups_flat`) and Adam's exp_avg / exp_avg_sq;
+- buckets: the gradient reduce buckets (`ipg_buckets`),
 counting each storage once (ZeRO-3 in fp32 updates the weight partition in place, so its
 master is the weights). Gradients are not measured: they do not persist after the step.
 Writes <train.out_dir>/memory_rank<R>.json.
@@ -39,6 +40,24 @@ def storage_bytes(tensors: list[torch.Tensor], seen: set[int]) -> int:
     return total
 
 
+def in_backward(engine) -> dict[str, int]:
+    """What exists only in backward or until the step: gradients and the reduce buckets."""
+    opt = engine.optimizer
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    for key in ("grads_in_partition", "grad_partitions_flat_buffer"):
+        if torch.is_tensor(getattr(opt, key, None)):
+            grads.append(getattr(opt, key))
+    avg = getattr(opt, "averaged_gradients", {})
+    grads += [g for gs in (avg.values() if isinstance(avg, dict) else avg) for g in gs or []]
+    buckets = []  # the reduce buckets: a list per dtype under ZeRO-1/2, one tensor under ZeRO-3
+    for bucket in getattr(opt, "ipg_buckets", {}).values():
+        held = bucket.buffer if isinstance(bucket.buffer, list) else [bucket.buffer]
+        buckets += [b for b in held if b is not None]
+    seen: set[int] = set()  # buckets first: with contiguous_gradients, p.grad views a bucket
+    buckets_bytes = storage_bytes(buckets, seen)
+    return {"grads": storage_bytes(grads, seen), "buckets": buckets_bytes}
+
+
 def measure(engine) -> dict[str, int]:
     params = list(engine.module.parameters())
     if engine.zero_optimization_stage() == 3:
@@ -68,10 +87,23 @@ def main() -> None:
         torch.manual_seed(0)
         engine = ds_engine.initialize(GPT(cfg.model), ds, cfg.optim.weight_decay)
         x = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len))
-        for _ in range(t.grad_accum):
+        peak = {"grads": 0, "buckets": 0}
+
+        def record(grad: torch.Tensor, engine=engine, peak=peak) -> None:
+            for key, value in in_backward(engine).items():
+                peak[key] = max(peak[key], value)
+
+        # The embedding output's gradient is the last one backward computes: by then every
+        # block's grads are reduced and DeepSpeed's buckets are still allocated.
+        def watch(module, inputs, output: torch.Tensor, record=record) -> None:
+            output.register_hook(record)
+
+        engine.module.embed_tokens.register_forward_hook(watch)
+        for _ in range(t.grad_accum):  # the largest over a non-boundary and a boundary step
             engine.backward(engine(x, labels=x))
+            record(None)
             engine.step()
-        out[name] = measure(engine)
+        out[name] = {**measure(engine), **peak}
         del engine
         gc.collect()
     path = Path(t.out_dir) / f"memory_rank{dist.rank()}.json"

@@ -1,10 +1,11 @@
-"""`dsfm plan`'s model-state estimate against the bytes real DeepSpeed holds per rank.
+"""`dsfm plan`'s memory terms against the bytes real DeepSpeed holds per rank.
 
 Two CPU ranks (gloo) run tests/distributed/plan_memory_probe.py, which builds the tiny
-model's engine for ZeRO 0-3 through dsfm.engine.initialize, takes one step and sums what
-each rank holds: weights (ZeRO-3: partitions) and optimizer states (fp32 master + Adam).
-fp32 on CPU, so the estimate is 4 B/param weights, 8 Adam, and 4 fp32 master under ZeRO.
-Gradients are not compared: they are not kept after the step.
+model's engine for ZeRO 0-3 through dsfm.engine.initialize, takes one optimizer step of two
+micro-batches and sums what each rank holds: weights (ZeRO-3: partitions) and optimizer
+states (fp32 master + Adam) after the step; the most gradient bytes and reduce-bucket
+bytes seen during backward (they are freed or reused after it). fp32 on CPU: the estimate
+is 4 B/param weights, 4 grads, 8 Adam, and 4 of fp32 master under ZeRO.
 """
 
 from __future__ import annotations
@@ -14,17 +15,18 @@ import json
 import pytest
 
 from dsfm.config import load_config
+from dsfm.ds_config import read_ds_config
 from dsfm.model.sizes import num_params
-from dsfm.plan import model_state_bytes
-from tests.conftest import TINY, deepspeed_train
+from dsfm.plan import bucket_bytes, model_state_bytes
+from tests.conftest import ROOT, TINY, deepspeed_train
 
 pytestmark = pytest.mark.distributed
-# Flat ZeRO buffers are padded to a multiple of the world size and Adam keeps a step
-# counter per group: a few bytes on 0.5 MB, so 2% is slack, not a fudge.
+# Flat ZeRO buffers are padded for alignment and Adam keeps a step counter per group:
+# about 100 bytes on 0.25-1 MB, so 2% is slack, not a fudge. The buckets are exact.
 TOLERANCE = 0.02
 
 
-def test_model_states_match_deepspeed(tmp_path):
+def test_memory_terms_match_deepspeed(tmp_path):
     overrides = [*TINY, "model.vocab_size=257", f"train.out_dir={tmp_path}"]
     deepspeed_train(
         "zero0", overrides, port=29561, launcher="tests/distributed/plan_memory_probe.py"
@@ -35,5 +37,7 @@ def test_model_states_match_deepspeed(tmp_path):
         for stage in range(4):
             got = measured[f"zero{stage}"]
             want = model_state_bytes(n_params, "fp32", stage, n_gpus=2)
-            for key in ("params", "optimizer"):
+            for key in ("params", "grads", "optimizer"):
                 assert got[key] == pytest.approx(want[key], rel=TOLERANCE), (rank, stage, key)
+            zero = read_ds_config(ROOT / "ds_configs" / f"zero{stage}.json")["zero_optimization"]
+            assert got["buckets"] == bucket_bytes(zero, stage, "fp32"), (rank, stage)
