@@ -51,13 +51,16 @@ ASSUMPTIONS = [
     "Adam moments; fp32 = 4 + 4 + 8 Adam, plus 4 of fp32 master that DeepSpeed's ZeRO-1/2/3 "
     "optimizers clone even from fp32 weights (measured, DeepSpeed 0.19.8; ZeRO-0 has none). "
     "ZeRO-1 shards the optimizer over the GPUs, ZeRO-2 also the grads, ZeRO-3 also the weights",
-    "offload: zero2_offload keeps optimizer states and fp32 grads in CPU RAM, weights on the "
-    "GPU; zero3_offload also keeps the weights in CPU RAM and gathers them per module",
-    "buffers (from the recipe JSON): ZeRO-1/2 allocate 1 reduce bucket of reduce_bucket_size "
-    "grads (2 with overlap_comm); ZeRO-3 one bucket plus the gathered weights (largest "
-    "module + prefetch bucket + params under the persistence threshold)",
-    "activations: kernels=auto/triton means the GPU path (Triton RMSNorm/SwiGLU/RoPE, "
-    "FlashAttention: q, k, v, output and log-sum-exp are kept, never the T x T scores); "
+    "offload: zero2_offload keeps optimizer states, fp32 grads and a bf16 copy of its weight "
+    "partition in CPU RAM, weights on the GPU; zero3_offload also keeps the weights in CPU "
+    "RAM and gathers them per module",
+    "buffers (from the recipe JSON, allocated at full size however small the model): during "
+    "backward ZeRO-1/2 hold 1 reduce bucket of reduce_bucket_size grads (2 with overlap_comm), "
+    "ZeRO-3 holds 1 always, plus its gathered weights (largest module + prefetch bucket + "
+    "params under the persistence threshold)",
+    "activations: kernels=auto/triton means the GPU path with Triton installed (its RMSNorm, "
+    "SwiGLU and RoPE kernels; "
+    "FlashAttention keeps q, k, v, output and log-sum-exp, never the T x T scores); "
     "kernels=torch the PyTorch fallbacks (RMSNorm keeps an fp32 copy, SwiGLU keeps silu(gate))",
     "activations: the LM head computes the loss in token chunks, so one chunk of fp32 logits "
     "(about tokens x d_model values) exists at a time, never tokens x vocab; with "
@@ -108,6 +111,8 @@ def model_state_bytes(
     cpu = 0.0
     if offload_optimizer:  # grads leave the GPU through the reduce bucket into fp32 on the CPU
         cpu += optimizer + n_params * 4 / n_gpus
+        if stage < 3:  # ZeRO-2 stages the updated partition in low precision on the CPU too
+            cpu += n_params * p / n_gpus
         optimizer = grads = 0.0
     if offload_params:
         cpu += params
