@@ -131,6 +131,10 @@ def test_d12_on_8_h100_keeps_the_global_batch():
     assert rec["micro_batch"] & (rec["micro_batch"] - 1) == 0  # a power of two
     assert rec["command"].startswith("deepspeed --num_gpus 8 launchers/pretrain.py --ds ")
     assert f"train.micro_batch_size={rec['micro_batch']}" in rec["command"]
+    multi, _ = plan_for([], hardware(n_gpus=16))  # two 8-GPU nodes
+    assert multi["recommendation"]["command"].startswith(
+        "deepspeed --num_nodes 2 --num_gpus 8 --hostfile HOSTFILE launchers/pretrain.py"
+    )
 
 
 def test_micro_batch_is_the_largest_power_of_two_that_fits():
