@@ -1,6 +1,6 @@
 """`dsfm plot`: one dashboard figure of one or more runs, for a glance or a report.
 
-Panels share one x axis (step, or tokens seen): loss (train raw, faint, under a trailing
+Panels share one x axis (step, or tokens seen): loss (train raw, faint, under a centred
 moving average; validation as dashed markers), validation perplexity (exp of the smoothed
 train loss for a run without evals), learning rate, gradient norm (log scale) and
 throughput, plus MFU when the accelerator's peak is known (never on CPU). A run keeps one
@@ -41,16 +41,18 @@ def default_window(n_rows: int) -> int:
 
 
 def moving_average(y: np.ndarray, window: int) -> np.ndarray:
-    """Trailing mean over the last `window` points, skipping NaN (skipped bad steps)."""
+    """Mean over `window` points centred on each (fewer at the ends), skipping NaN (skipped
+    steps). Centred, not trailing: the curve is drawn after the fact, and a trailing mean
+    would lag a falling loss by half a window."""
     ok = np.isfinite(y)
-    sums = np.cumsum(np.where(ok, y, 0.0))
-    counts = np.cumsum(ok)
-    lo = np.arange(len(y)) - window
-    prev_sums = np.where(lo >= 0, sums[np.maximum(lo, 0)], 0.0)
-    prev_counts = np.where(lo >= 0, counts[np.maximum(lo, 0)], 0)
-    n = counts - prev_counts
+    sums = np.concatenate([[0.0], np.cumsum(np.where(ok, y, 0.0))])
+    counts = np.concatenate([[0], np.cumsum(ok)])
+    i = np.arange(len(y))
+    lo = np.maximum(i - window // 2, 0)
+    hi = np.minimum(i + (window - 1) // 2, len(y) - 1) + 1
+    n = counts[hi] - counts[lo]
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, (sums - prev_sums) / n, np.nan)
+        return np.where(n > 0, (sums[hi] - sums[lo]) / n, np.nan)
 
 
 def column(rows: list[dict[str, Any]], key: str) -> np.ndarray:
@@ -208,10 +210,10 @@ def _log_scale(ax: Any) -> None:
 def _legend(fig: Figure, runs: list[Run], labels: list[str], windows: list[int]) -> None:
     """One legend for every panel: a color per run, then what each line style means."""
     handles = [Line2D([], [], color=f"C{i}", lw=3, label=lab) for i, lab in enumerate(labels)]
-    smooth = f"{windows[0]} steps" if len(set(windows)) == 1 else "per run"
+    smooth = f"{windows[0]}-step mean" if len(set(windows)) == 1 else "smoothed"
     handles += [
         Line2D([], [], color="gray", lw=1.0, alpha=0.5, label="train (raw)"),
-        Line2D([], [], color="gray", lw=2.0, label=f"train (mean of last {smooth})"),
+        Line2D([], [], color="gray", lw=2.0, label=f"train ({smooth})"),
         Line2D([], [], color="gray", ls="--", marker="o", mec="white", label="validation"),
     ]
     if any(not eval_rows(run.rows) for run in runs):

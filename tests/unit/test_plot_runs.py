@@ -89,8 +89,9 @@ def test_status_of_a_run(tmp_path):
     assert status(load_run(make_run(tmp_path / "early", events))) == "early-stopped at 4"
 
 
-def test_moving_average_is_trailing_and_skips_nan():
+def test_moving_average_is_centred_and_skips_nan():
     y = np.array([1.0, 3.0, np.nan, 5.0, 7.0])
+    np.testing.assert_allclose(moving_average(y, 3), [2.0, 2.0, 4.0, 6.0, 6.0])
     np.testing.assert_allclose(moving_average(y, 2), [1.0, 2.0, 3.0, 5.0, 6.0])
     np.testing.assert_allclose(moving_average(y, 1)[[0, 1, 3, 4]], y[[0, 1, 3, 4]])
 
