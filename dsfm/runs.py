@@ -140,9 +140,9 @@ def checkpoint_tags(path: Path) -> list[str]:
 
 
 def status(run: Run, now: float | None = None) -> str:
-    s = run.summary
+    s, reason = run.summary, _stop_reason(run)  # events, whatever summary.json words it as
     steps, max_steps = s["steps"], s["max_steps"]
-    if s.get("early_stopped") or s.get("stop_reason") == "early_stop":
+    if s.get("early_stopped") or reason == "early_stop":
         return f"early-stopped at {steps}"
     if max_steps and steps >= max_steps:
         return "complete"
@@ -150,7 +150,7 @@ def status(run: Run, now: float | None = None) -> str:
     now = time.time() if now is None else now
     if metrics.is_file() and now - metrics.stat().st_mtime < RUNNING_WINDOW_S:
         return "running"
-    if s.get("stop_reason") == "preempted":
+    if reason == "preempted":
         return f"preempted at {steps}"
     return f"stopped at {steps} of {max_steps}"
 
