@@ -6,7 +6,8 @@ earlier step, and the rows it writes replace every row from that step on (so cur
 monotone in step, and a dead branch's tail never lingers). Event rows (`"event": ...`)
 are kept apart. RUN/summary.json is used when it is as new as the metrics; otherwise the
 same numbers are computed from the rows, so old and still-running runs list too.
-Nothing here imports torch or deepspeed: listing runs stays instant.
+Listing imports neither torch nor deepspeed, so it is instant; only a run with no
+checkpoint yet needs torch, to count its parameters from the config.
 """
 
 from __future__ import annotations
@@ -22,17 +23,10 @@ import yaml
 
 RUNNING_WINDOW_S = 300  # metrics.jsonl written this recently: the run is (probably) alive
 SEARCH_DEPTH = 3  # runs/GROUP/NAME/... is as deep as people nest runs
-SORT_KEYS = (
-    "name",
-    "status",
-    "params_m",
-    "steps",
-    "tokens",
-    "best_val_loss",
-    "final_loss",
-    "tok_per_s",
-    "elapsed_s",
-)
+SORT_KEYS = ("name", "status", "n_params", "steps", "tokens", "best_val_loss", "final_loss")
+SORT_KEYS += ("tok_per_s", "elapsed_s")
+LEFT_COLUMNS = ("run", "status", "model", "data", "ZeRO prec", "batch×seq")
+RIGHT_COLUMNS = ("steps", "tokens", "best val (ppl)", "loss", "tok/s", "elapsed")  # numbers
 
 
 @dataclass
@@ -114,10 +108,12 @@ def summarize(run: Run) -> dict[str, Any]:
         "stop_reason": _stop_reason(run),
     }
     written = run.path / "summary.json"
-    if written.is_file():
-        saved = json.loads(written.read_text())
-        if saved.get("steps", -1) >= computed["steps"]:
-            computed.update(saved)
+    try:
+        saved = json.loads(written.read_text()) if written.is_file() else {}
+    except json.JSONDecodeError:  # being rewritten right now; the rows say the same
+        saved = {}
+    if saved.get("steps", -1) >= computed["steps"]:
+        computed.update(saved)
     return computed
 
 
@@ -197,14 +193,13 @@ def describe(run: Run, name: str) -> dict[str, Any]:
     s, ds = run.summary, run.ds_config
     # As engine.zero_stage/precision; engine imports deepspeed, which listing must not.
     precision = next((p for p in ("bf16", "fp16") if ds.get(p, {}).get("enabled")), "fp32")
-    params = n_params(run)
     best = s.get("best_val_loss")
     return {
         "name": name,
         "path": str(run.path),
         "status": status(run),
         "model": model_label(run.config),
-        "params_m": round(params / 1e6, 3) if params else None,
+        "n_params": n_params(run),
         "data": data_label(run.config),
         "zero_stage": ds.get("zero_optimization", {}).get("stage") if ds else None,
         "precision": precision if ds else None,
@@ -258,31 +253,19 @@ def print_runs(described: list[dict[str, Any]], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", header_style="bold")
-    for col in (
-        "run",
-        "status",
-        "model",
-        "data",
-        "ZeRO",
-        "batch×seq",
-        "steps",
-        "tokens",
-        "best val (ppl)",
-        "loss",
-        "tok/s",
-        "elapsed",
-    ):
-        numeric = col in ("steps", "tokens", "best val (ppl)", "loss", "tok/s", "elapsed")
-        table.add_column(col, justify="right" if numeric else "left")
+    for col in LEFT_COLUMNS:
+        table.add_column(col)
+    for col in RIGHT_COLUMNS:
+        table.add_column(col, justify="right")
     for r in described:
         best = r["best_val_loss"]
         table.add_row(
             r["name"],
             r["status"],
-            r["model"] + (f" {r['params_m']:.2f}M" if r["params_m"] else ""),
+            r["model"] + (f" {human(r['n_params'])}" if r["n_params"] else ""),
             r["data"],
             f"{r['zero_stage']} {r['precision']}" if r["precision"] else "?",
-            f"{r['global_batch']}×{r['seq_len']}",
+            f"{r['global_batch'] or '?'}×{r['seq_len'] or '?'}",
             f"{r['steps']}/{r['max_steps']}",
             human(r["tokens"]),
             f"{best:.4f} ({r['best_val_ppl']:.1f})" if _finite(best) else "-",
