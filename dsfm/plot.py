@@ -88,15 +88,11 @@ def plot_runs(
     grid = fig.add_gridspec(2, 12)
     loss_ax = fig.add_subplot(grid[0, :7])
     ppl_ax = fig.add_subplot(grid[0, 7:], sharex=loss_ax)
-    width = 12 // (4 if has_mfu else 3)
-    bottom = [
-        fig.add_subplot(grid[1, i * width : (i + 1) * width], sharex=loss_ax)
-        for i in range(4 if has_mfu else 3)
-    ]
-    axes = {"loss": loss_ax, "ppl": ppl_ax, "lr": bottom[0], "gnorm": bottom[1]}
-    axes["speed"] = bottom[2]
-    if has_mfu:
-        axes["mfu"] = bottom[3]
+    bottom = ["lr", "gnorm", "speed"] + (["mfu"] if has_mfu else [])
+    width = 12 // len(bottom)
+    axes = {"loss": loss_ax, "ppl": ppl_ax}
+    for i, name in enumerate(bottom):
+        axes[name] = fig.add_subplot(grid[1, i * width : (i + 1) * width], sharex=loss_ax)
 
     windows = []
     for i, (run, label) in enumerate(zip(runs, labels)):
