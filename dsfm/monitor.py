@@ -24,6 +24,8 @@ from typing import Any
 
 WINDOW = 100
 "Shortest window in steps: loss plateau compares two; grad-norm and tok/s medians span one."
+PLATEAU_CLEAR = 0.01
+"A plateau warning ends once the loss falls this much (relative) window over window."
 GRAD_FACTOR = 10.0
 "A grad norm this many times its running median is exploding."
 GRAD_MIN_HISTORY = 5
@@ -103,7 +105,10 @@ class Monitor:
             return None
         s = self.loss_sums
         last, before = (s[n] - s[n - w]) / w, (s[n - w] - s[n - 2 * w]) / w
-        if last < before:
+        # Once warned, only a clear fall ends the episode: noise on a flat line would else
+        # re-arm it every few steps.
+        margin = PLATEAU_CLEAR if "loss_plateau" in self.active else 0.0
+        if last < before * (1 - margin):
             return None
         return "loss_plateau", (
             f"train loss has not decreased over the last {2 * w} steps (mean {before:.4f} "
