@@ -206,3 +206,15 @@ def test_log_and_patience_config_errors(monkeypatch):
     with pytest.raises(ConfigError, match=r"`pip install wandb`") as e:
         load_config(None, ["log.sinks=[wandb]"])
     assert len([p for p in e.value.problems if "wandb" in p]) == 1
+
+
+def test_monitor_and_summary_need_no_torch():
+    """The rules and the summary are plain Python: testable and usable without torch."""
+    import ast
+    from pathlib import Path
+
+    for name in ("monitor.py", "summary.py"):
+        tree = ast.parse((Path(__file__).parents[2] / "dsfm" / name).read_text())
+        mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not any(m.split(".")[0] in ("torch", "deepspeed") for m in mods), (name, mods)
