@@ -363,11 +363,9 @@ class Trainer:
                     self.save(checkpoint.step_tag(self.step))
             if last_row and self.step == t.max_steps and not self.early.stopped:
                 self.save("final")
-            if self.early.stopped:
-                log.finish("early_stop", self.checkpoint_tags(), self.early.reason)
-            else:
-                done = self.step >= t.max_steps
-                log.finish("max_steps" if done else "stop_at", self.checkpoint_tags())
+            done = "max_steps" if self.step >= t.max_steps else "stop_at"
+            reason = "early_stop" if self.early.stopped else done
+            log.finish(reason, self.checkpoint_tags(), self.early.reason)
         finally:
             self.watchdog.stop()
             stop.restore()
