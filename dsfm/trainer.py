@@ -15,6 +15,10 @@ alike and logged; a streak of them rolls back to an older checkpoint and keeps g
 bad data; a rank that stops making progress makes the job exit non-zero; checkpoints are
 published atomically and resume falls back past an incomplete newest tag.
 
+Early stopping (eval.patience, dsfm/monitor.py): every rank sees the same all-reduced val
+loss, so all stop at the same eval, save `final` and exit 0; the stopped state is in the
+client state, so restarting the run trains no further.
+
 Exact resume: the whole training state is the DeepSpeed engine state (weights, ZeRO
 optimizer shards, LR schedule), the sampler's `consumed_samples`, per-rank RNG states
 and a few counters in the client state. Eval and sampling never touch the global RNG.
