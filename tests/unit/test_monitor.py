@@ -178,6 +178,8 @@ def test_tensorboard_sink_scalars(tmp_path):
 def test_wandb_sink_offline_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_MODE", "offline")
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
     from dsfm.sinks import WandbSink
 
     sink = WandbSink(tmp_path, None, "offline", {"train": {"max_steps": 2}})
