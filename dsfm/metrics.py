@@ -23,6 +23,7 @@ from rich.text import Text
 from dsfm import summary as run_summary
 from dsfm.config import LogConfig
 from dsfm.monitor import Monitor
+from dsfm.runs import read_metrics
 from dsfm.sinks import open_sinks
 
 # Dense bf16 tensor-core peak FLOP/s per device, by substring of the device name.
@@ -138,8 +139,8 @@ class RunLogger:
         """RUN/summary.json and the summary table (also without the console sink)."""
         if not self.enabled:
             return None
-        rows = run_summary.read_rows(self.run_dir / "metrics.jsonl")
-        s = run_summary.summarize(rows, self.total_steps, checkpoints, stop_reason)
+        rows, events = read_metrics(self.run_dir / "metrics.jsonl")
+        s = run_summary.summarize(rows, events, self.total_steps, checkpoints, stop_reason)
         run_summary.write(s, self.run_dir)
         self.console.print(run_summary.table(s, early_stop_reason))
         return s

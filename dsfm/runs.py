@@ -4,8 +4,8 @@
 rows of metrics.jsonl as the run's current history: a resume or a rollback restarts at an
 earlier step, and the rows it writes replace every row from that step on (so curves are
 monotone in step, and a dead branch's tail never lingers). Event rows (`"event": ...`)
-are kept apart. RUN/summary.json is used when it is as new as the metrics; otherwise the
-same numbers are computed from the rows, so old and still-running runs list too.
+are kept apart. The summary's numbers are computed from the rows with the function that
+writes RUN/summary.json, so old, still-running and restarted runs list alike.
 Listing imports neither torch nor deepspeed, so it is instant; only a run with no
 checkpoint yet needs torch, to count its parameters from the config.
 """
@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from dsfm import summary as run_summary
 
 RUNNING_WINDOW_S = 300  # metrics.jsonl written this recently: the run is (probably) alive
 SEARCH_DEPTH = 3  # runs/GROUP/NAME/... is as deep as people nest runs
@@ -86,35 +88,12 @@ def load_run(path: str | Path) -> Run:
 
 
 def summarize(run: Run) -> dict[str, Any]:
-    """summary.json's fields, from the file when it covers the last step, else from the rows."""
-    rows, last = run.rows, (run.rows[-1] if run.rows else {})
-    vals = [r for r in rows if _finite(r.get("val_loss"))]
-    best = min(vals, key=lambda r: r["val_loss"]) if vals else {}
-    mfus = [r["mfu"] for r in rows if _finite(r.get("mfu"))]
-    elapsed = last.get("elapsed_s")
-    computed = {
-        "steps": last.get("step", 0),
-        "max_steps": run.config.get("train", {}).get("max_steps"),
-        "tokens": last.get("tokens", 0),
-        "elapsed_s": elapsed,
-        "tok_per_s": last["tokens"] / elapsed if elapsed else None,
-        "best_val_loss": best.get("val_loss"),
-        "best_val_step": best.get("step"),
-        "final_loss": last.get("loss"),
-        "mfu": sum(mfus) / len(mfus) if mfus else None,
-        "checkpoints": checkpoint_tags(run.path),
-        "warnings": sum(e.get("event") == "warning" for e in run.events),
-        "early_stopped": any(e.get("event") == "early_stop" for e in run.events),
-        "stop_reason": _stop_reason(run),
-    }
-    written = run.path / "summary.json"
-    try:
-        saved = json.loads(written.read_text()) if written.is_file() else {}
-    except json.JSONDecodeError:  # being rewritten right now; the rows say the same
-        saved = {}
-    if saved.get("steps", -1) >= computed["steps"]:
-        computed.update(saved)
-    return computed
+    """summary.json's fields, computed from the rows as the trainer computes the file, so a
+    running run or a restart with a raised train.max_steps reads right too."""
+    max_steps = run.config.get("train", {}).get("max_steps")
+    return run_summary.summarize(
+        run.rows, run.events, max_steps, checkpoint_tags(run.path), _stop_reason(run)
+    )
 
 
 def _stop_reason(run: Run) -> str | None:
@@ -136,7 +115,7 @@ def checkpoint_tags(path: Path) -> list[str]:
 
 
 def status(run: Run, now: float | None = None) -> str:
-    s, reason = run.summary, _stop_reason(run)  # events, whatever summary.json words it as
+    s, reason = run.summary, _stop_reason(run)
     steps, max_steps = s["steps"], s["max_steps"]
     if s.get("early_stopped") or reason == "early_stop":
         return f"early-stopped at {steps}"

@@ -22,20 +22,18 @@ from rich.table import Table
 STOP_REASONS = ("max_steps", "stop_at", "early_stop", "preempted")
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _finite(x: Any) -> float | None:
     return x if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
 def summarize(
-    rows: list[dict[str, Any]], max_steps: int, checkpoints: list[str], stop_reason: str
+    steps: list[dict[str, Any]],
+    events: list[dict[str, Any]],
+    max_steps: int | None,
+    checkpoints: list[str],
+    stop_reason: str | None,
 ) -> dict[str, Any]:
-    steps = [r for r in rows if "loss" in r]  # step rows; event rows have "event" instead
+    """Step rows (the current history, as `dsfm.runs.read_metrics` returns) and event rows."""
     evals = [r for r in steps if _finite(r.get("val_loss")) is not None]
     best = min(evals, key=lambda r: r["val_loss"]) if evals else None
     last = steps[-1] if steps else {}
@@ -52,7 +50,7 @@ def summarize(
         "final_loss": _finite(last.get("loss")),
         "mfu": statistics.fmean(mfus) if mfus else None,
         "checkpoints": checkpoints,
-        "warnings": sum(r.get("event") == "warning" for r in rows),
+        "warnings": sum(e.get("event") == "warning" for e in events),
         "early_stopped": stop_reason == "early_stop",
         "stop_reason": stop_reason,
     }

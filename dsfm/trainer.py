@@ -56,6 +56,7 @@ from dsfm.metrics import RunLogger, finite_or_none, mfu, peak_flops
 from dsfm.model.gpt import GPT
 from dsfm.monitor import EarlyStopping
 from dsfm.resume import check_resume_compatible, data_fingerprint
+from dsfm.runs import checkpoint_tags
 from dsfm.tokenizer import Tokenizer
 from dsfm.watchdog import Watchdog
 
@@ -357,7 +358,7 @@ class Trainer:
                         f"{EXIT_REQUEUE} (run again to continue)"
                     )
                     log.log({"step": self.step, "event": "preempted"})
-                    log.finish("preempted", self.checkpoint_tags())
+                    log.finish("preempted", checkpoint_tags(self.run_dir))
                     # No rank leaves before rank 0 has logged; from here a signal (srun
                     # ending the others once one task exits) finds the work saved.
                     barrier()
@@ -369,7 +370,7 @@ class Trainer:
                 self.save("final")
             done = "max_steps" if self.step >= t.max_steps else "stop_at"
             reason = "early_stop" if self.early.stopped else done
-            log.finish(reason, self.checkpoint_tags(), self.early.reason)
+            log.finish(reason, checkpoint_tags(self.run_dir), self.early.reason)
         finally:
             self.watchdog.stop()
             stop.restore()
@@ -386,10 +387,6 @@ class Trainer:
         self.save("final")  # `best` already holds the best weights
         log.log({"step": self.step, "event": "early_stop", "reason": self.early.reason})
         log.print(f"early stop at step {self.step}: {self.early.reason}; saved `final`")
-
-    def checkpoint_tags(self) -> list[str]:
-        tags = [tag for _, tag in checkpoint.step_tags(self.ckpt_dir)]
-        return tags + [tag for tag in ("best", "final") if (self.ckpt_dir / tag).is_dir()]
 
     def train_step(self, stop_requested: bool = False) -> dict[str, Any]:
         t = self.cfg.train

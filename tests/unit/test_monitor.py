@@ -125,7 +125,9 @@ def test_summary_from_rows_with_event_rows():
         r.update(tokens=r["step"] * 256, elapsed_s=r["step"] * 0.5, mfu=None)
         logged += [r, *(a.row() for a in m.observe(r))]
     logged.append({"step": 100, "event": "early_stop", "reason": "x"})
-    s = summarize(logged, 200, ["best", "final"], "early_stop")
+    steps = [r for r in logged if "event" not in r]
+    events = [r for r in logged if "event" in r]
+    s = summarize(steps, events, 200, ["best", "final"], "early_stop")
     assert (s["steps"], s["tokens"], s["warnings"]) == (100, 25_600, 1)
     assert s["tok_per_s"] == pytest.approx(512.0) and s["mfu"] is None
     assert (s["best_val_loss"], s["best_val_step"]) == (rows[99]["val_loss"], 100)
