@@ -1,5 +1,5 @@
-"""`dsfm <verb>`: prepare, data, train, finetune, generate, eval, merge, export, import, plan,
-config.
+"""`dsfm <verb>`: prepare, data, train, finetune, generate, eval, merge, export, import, config,
+runs, plot, plan.
 
 Thin: parse arguments, call the package.
 """
@@ -284,6 +284,32 @@ def plan_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def runs_main(args: argparse.Namespace) -> int:
+    import json
+
+    from dsfm.runs import list_runs, print_runs
+
+    described = list_runs(args.dirs, sort=args.sort)
+    if args.json:
+        print(json.dumps(described, indent=1, ensure_ascii=False))
+    elif not described:
+        print(
+            f"no runs under {', '.join(args.dirs)} (a run directory has metrics.jsonl or "
+            "config.yaml; start one with `dsfm train ... train.out_dir=runs/NAME`)"
+        )
+    else:
+        print_runs(described, title=f"{len(described)} run(s) under {', '.join(args.dirs)}")
+    return 0
+
+
+def plot_main(args: argparse.Namespace) -> int:
+    from dsfm.plot import plot_runs, save_figure
+
+    fig = plot_runs(args.runs, x=args.x, smooth=args.smooth, title=args.title)
+    print(f"wrote {save_figure(fig, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsfm", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -432,6 +458,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--get", metavar="SECTION.FIELD", help="print this resolved value")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.set_defaults(func=config_main)
+
+    p = sub.add_parser("runs", help="table of runs: status, model, data, steps, losses, speed")
+    p.add_argument("dirs", nargs="*", default=["runs"], metavar="DIR", help="default: runs/")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object per run")
+    p.add_argument("--sort", default="name", metavar="KEY", help="e.g. best_val_loss, tokens")
+    p.set_defaults(func=runs_main)
+
+    p = sub.add_parser("plot", help="one dashboard image of runs: loss, ppl, LR, grad norm, speed")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories to overlay")
+    p.add_argument("--out", required=True, help="image file: .png, .pdf or .svg")
+    p.add_argument("--x", choices=["step", "tokens"], default="step", help="shared x axis")
+    p.add_argument(
+        "--smooth", type=int, default=None, help="moving-average window in steps (default: auto)"
+    )
+    p.add_argument("--title", default=None, help="figure title (default: the run names)")
+    p.set_defaults(func=plot_main)
     return parser
 
 

@@ -172,6 +172,10 @@ class EvalConfig:
     "Sampling temperature for eval generations (0 = greedy)."
     top_k: int | None = 50
     "Top-k for eval generations (None disables)."
+    patience: int = 0
+    "Early stopping: stop after this many evals in a row without a new best val loss (0 = off)."
+    min_delta: float = 0.0
+    "Early stopping: a val loss must beat the best by at least this much to count as better."
 
 
 @dataclass
@@ -184,6 +188,18 @@ class CheckpointConfig:
     "Keep a `best` tag for the lowest validation loss."
     allow_data_change: bool = False
     "Resume even though the dataset or tokenizer differ from the checkpoint's (on purpose)."
+
+
+@dataclass
+class LogConfig:
+    sinks: list[str] = field(default_factory=lambda: ["console"])
+    "Metric sinks besides metrics.jsonl (always written): console, csv, tensorboard, wandb."
+    wandb_project: str | None = None
+    "W&B project for the wandb sink; None = the run directory's name."
+    wandb_mode: str = "offline"
+    "W&B mode: offline (no network; `wandb sync RUN/wandb/offline-run-*` later) or online."
+    warnings: bool = True
+    "Watch the run: warn on a stalled loss, overfitting, exploding grad norm, throughput drop."
 
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -211,11 +227,15 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
 PRECISIONS = ("bf16", "fp16", "fp32")
 KERNELS = ("auto", "triton", "torch")  # as dsfm.model.ops.KERNELS; config stays torch-free
+# Sink name -> the package it needs (the sinks themselves are in dsfm/sinks.py).
+LOG_SINKS = {"console": None, "csv": None, "tensorboard": "tensorboard", "wandb": "wandb"}
+WANDB_MODES = ("offline", "online")
 
 
 # ---------------------------------------------------------------- loading
@@ -455,6 +475,8 @@ def check(cfg: Config, world_size: int = 1, *, check_data: bool = True) -> list[
         ("train", "log_every"),
         ("train", "spike_sigma"),
         ("train", "watchdog_s"),
+        ("eval", "patience"),
+        ("eval", "min_delta"),
     ]:
         if getattr(getattr(cfg, sec), name) < 0:
             p.append(f"{sec}.{name} must be >= 0, got {getattr(getattr(cfg, sec), name)}")
@@ -502,6 +524,12 @@ def check(cfg: Config, world_size: int = 1, *, check_data: bool = True) -> list[
         )
     if not 0.0 < t.rollback_lr_scale <= 1.0:
         p.append(f"train.rollback_lr_scale must be in (0, 1], got {t.rollback_lr_scale}")
+    if cfg.eval.patience and not cfg.eval.every:
+        p.append(
+            f"eval.patience={cfg.eval.patience} needs periodic evals; set eval.every > 0 "
+            "(or eval.patience=0 to turn early stopping off)"
+        )
+    _check_log(cfg.log, p, check_packages=check_data)
     lo = cfg.lora
     if lo.rank < 0 or lo.alpha <= 0 or not 0.0 <= lo.dropout < 1.0:
         p.append(
@@ -528,6 +556,26 @@ def check(cfg: Config, world_size: int = 1, *, check_data: bool = True) -> list[
     if check_data:
         _check_data(cfg, p)
     return p
+
+
+def _check_log(lg: LogConfig, p: list[str], check_packages: bool) -> None:
+    """Sink names and modes; the packages only when about to train (with the data check), so
+    a checkpoint whose run logged to W&B still loads where wandb is not installed."""
+    known = ", ".join(LOG_SINKS)
+    for name in lg.sinks:
+        if name not in LOG_SINKS:
+            close = difflib.get_close_matches(name, list(LOG_SINKS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            p.append(f"log.sinks: unknown sink {name!r}{hint}; known sinks: {known}")
+            continue
+        package = LOG_SINKS[name]
+        if check_packages and package and importlib.util.find_spec(package) is None:
+            p.append(
+                f"log.sinks: {name} needs the {package} package; `pip install {package}` "
+                f"or drop {name!r} from log.sinks"
+            )
+    if lg.wandb_mode not in WANDB_MODES:
+        p.append(f"log.wandb_mode must be one of {', '.join(WANDB_MODES)}, got {lg.wandb_mode!r}")
 
 
 # What a blend's sources must share: same token ids meaning the same thing, same loss kind.

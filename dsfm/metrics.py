@@ -1,8 +1,12 @@
-"""Metrics: one JSON object per line in RUN/metrics.jsonl, a rich progress bar, MFU.
+"""Metrics: one JSON object per line in RUN/metrics.jsonl, fanned out to the chosen sinks, MFU.
 
 Only rank 0 writes or draws; other ranks get a logger whose methods do nothing, so the
-trainer never branches on rank for logging. MFU uses the PaLM FLOPs-per-token formula
-against the accelerator's dense bf16 peak; it is null where the peak is unknown (CPU).
+trainer never branches on rank for logging. metrics.jsonl is always written; the console
+(progress bar, status lines), CSV, TensorBoard and W&B are sinks (dsfm/sinks.py). Step rows
+go to every sink and through the health monitor (dsfm/monitor.py), whose warnings are
+logged as event rows and printed in yellow whatever the sinks. MFU uses the PaLM
+FLOPs-per-token formula against the accelerator's dense bf16 peak; it is null where the
+peak is unknown (CPU).
 """
 
 from __future__ import annotations
@@ -14,16 +18,14 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.text import Text
 
+from dsfm import summary as run_summary
+from dsfm.config import LogConfig
 from dsfm.gpus import PEAK_FLOPS
+from dsfm.monitor import Monitor
+from dsfm.runs import read_metrics
+from dsfm.sinks import open_sinks
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -46,36 +48,57 @@ def finite_or_none(x: float | None) -> float | None:
 
 
 class RunLogger:
-    """JSONL rows plus a rich progress bar with a status line; a no-op off rank 0."""
+    """JSONL rows, the chosen sinks and the health monitor; a no-op off rank 0."""
 
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int = 0):
-        self.enabled = enabled
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        total_steps: int,
+        start_step: int = 0,
+        *,
+        log_cfg: LogConfig | None = None,
+        log_every: int = 10,
+        warmup_steps: int = 0,
+        config: dict[str, Any] | None = None,
+    ):
+        log_cfg = log_cfg or LogConfig()
+        self.enabled, self.run_dir, self.total_steps = enabled, run_dir, total_steps
         self.console = Console(stderr=False, highlight=False)
-        self.progress: Progress | None = None
+        self.verbose = "console" in log_cfg.sinks
+        self.sinks: list[Any] = []
         if not enabled:
             return
         self.metrics = open(run_dir / "metrics.jsonl", "a")
         self.samples = open(run_dir / "samples.jsonl", "a")
-        self.progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=False,
-            disable=not self.console.is_terminal,
+        self.monitor = Monitor(warmup_steps) if log_cfg.warnings else None
+        self.sinks = open_sinks(
+            log_cfg.sinks,
+            run_dir,
+            self.console,
+            total_steps,
+            start_step,
+            log_every,
+            log_cfg.wandb_project,
+            log_cfg.wandb_mode,
+            config,
         )
-        self.task = self.progress.add_task(
-            "train", total=total_steps, completed=start_step, status=""
-        )
-        self.progress.start()
 
     def log(self, row: dict[str, Any]) -> None:
+        """Any row to metrics.jsonl; a step row (it has a loss) also to the sinks and the
+        monitor, whose new warnings follow it as event rows."""
         if not self.enabled:
             return
+        self._write(row)
+        if "loss" not in row:
+            return
+        for sink in self.sinks:
+            sink.log(row)
+        for alert in self.monitor.observe(row) if self.monitor else []:
+            self._write(alert.row())
+            self.warn(f"warning at step {alert.step}: {alert.message}")
+
+    def _write(self, row: dict[str, Any]) -> None:
         self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()
 
@@ -84,18 +107,36 @@ class RunLogger:
             self.samples.write(json.dumps(row) + "\n")
             self.samples.flush()
 
-    def advance(self, step: int, status: str) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, completed=step, status=status)
+    def info(self, text: str) -> None:
+        """Progress talk: only with the console sink."""
+        if self.verbose:
+            self.print(text)
 
     def print(self, text: str) -> None:
+        """What the operator must see whatever the sinks (stops, restarts, rollbacks)."""
         if self.enabled:
             self.console.print(text, markup=False, soft_wrap=True)
+
+    def warn(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(Text(text, style="yellow"), soft_wrap=True)
+
+    def finish(
+        self, stop_reason: str, checkpoints: list[str], early_stop_reason: str | None = None
+    ) -> dict[str, Any] | None:
+        """RUN/summary.json and the summary table (also without the console sink)."""
+        if not self.enabled:
+            return None
+        rows, events = read_metrics(self.run_dir / "metrics.jsonl")
+        s = run_summary.summarize(rows, events, self.total_steps, checkpoints, stop_reason)
+        run_summary.write(s, self.run_dir)
+        self.console.print(run_summary.table(s, early_stop_reason))
+        return s
 
     def close(self) -> None:
         if not self.enabled:
             return
-        if self.progress is not None:
-            self.progress.stop()
+        for sink in self.sinks:
+            sink.close()
         self.metrics.close()
         self.samples.close()

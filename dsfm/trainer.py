@@ -15,6 +15,10 @@ alike and logged; a streak of them rolls back to an older checkpoint and keeps g
 bad data; a rank that stops making progress makes the job exit non-zero; checkpoints are
 published atomically and resume falls back past an incomplete newest tag.
 
+Early stopping (eval.patience, dsfm/monitor.py): every rank sees the same all-reduced val
+loss, so all stop at the same eval, save `final` and exit 0; the stopped state is in the
+client state, so restarting the run trains no further.
+
 Exact resume: the whole training state is the DeepSpeed engine state (weights, ZeRO
 optimizer shards, LR schedule), the sampler's `consumed_samples`, per-rank RNG states
 and a few counters in the client state. Eval and sampling never touch the global RNG.
@@ -50,7 +54,9 @@ from dsfm.generate import sample
 from dsfm.lora import apply_lora, resize_token_embeddings
 from dsfm.metrics import RunLogger, finite_or_none, mfu, peak_flops
 from dsfm.model.gpt import GPT
+from dsfm.monitor import EarlyStopping
 from dsfm.resume import check_resume_compatible, data_fingerprint
+from dsfm.runs import checkpoint_tags
 from dsfm.tokenizer import Tokenizer
 from dsfm.watchdog import Watchdog
 
@@ -184,6 +190,7 @@ class Trainer:
         )
         self.step, self.tokens, self.elapsed_s = 0, 0, 0.0
         self.best_val_loss = math.inf
+        self.early = EarlyStopping(cfg.eval.patience, cfg.eval.min_delta)
         self.peak = peak_flops(self.device)
         self.guard = faults.LossGuard(t.spike_sigma, t.spike_skip)
         self.lr_scale, self.rollbacks = 1.0, 0
@@ -224,6 +231,8 @@ class Trainer:
         self.step, self.tokens = state["step"], state["tokens"]
         self.elapsed_s, self.best_val_loss = state["elapsed_s"], state["best_val_loss"]
         self.lr_scale, self.rollbacks = state.get("lr_scale", 1.0), state.get("rollbacks", 0)
+        if "early_stopping" in state:
+            self.early.load_state_dict(state["early_stopping"])
         ds_engine.set_lr_scale(self.engine, self.base_lrs, self.lr_scale)
         return state
 
@@ -278,16 +287,31 @@ class Trainer:
             "lr_scale": self.lr_scale,
             "rollbacks": self.rollbacks,
             "bad_steps": self.guard.total_bad,
+            "early_stopping": self.early.state_dict(),
         }
 
     # ------------------------------------------------------------------ loop
 
     def fit(self) -> dict[str, Any]:
         t, c = self.cfg.train, self.cfg.checkpoint
-        log = RunLogger(self.run_dir, dist.is_rank0(), t.max_steps, self.step)
-        if self.step >= t.max_steps:
+        log = RunLogger(
+            self.run_dir,
+            dist.is_rank0(),
+            t.max_steps,
+            self.step,
+            log_cfg=self.cfg.log,
+            log_every=t.log_every,
+            warmup_steps=self.cfg.schedule.warmup_steps,
+            config=to_dict(self.cfg),
+        )
+        if self.early.stopped:
+            log.print(
+                f"run already complete: it stopped early at step {self.step} "
+                f"({self.early.reason}); pass eval.patience=0 to train on anyway"
+            )
+        elif self.step >= t.max_steps:
             log.print(f"run already complete at step {self.step} (raise train.max_steps to go on)")
-        log.print(
+        log.info(
             f"model {self.n_params / 1e6:.2f}M params ({self.n_trainable / 1e6:.2f}M trained) | "
             f"{self.world} rank(s) on "
             f"{self.device.type} | ZeRO-{ds_engine.zero_stage(self.ds)} "
@@ -299,7 +323,7 @@ class Trainer:
         self.watchdog = Watchdog(t.watchdog_s, self.rank)
         try:
             end = min(t.max_steps, t.stop_at or t.max_steps)
-            while self.step < end:
+            while self.step < end and not self.early.stopped:
                 row = self.train_step(stop.received)
                 stopping = row.pop("stop")
                 event = row.pop("event")
@@ -324,13 +348,9 @@ class Trainer:
                     row.update(self.evaluate(log))
                 log.log(row)
                 last_row = row
-                log.advance(
-                    self.step,
-                    f"loss {row['loss']:.3f} lr {row['lr']:.2e} "
-                    f"{row['tok_per_s'] / 1e3:.1f}k tok/s",
-                )
-                if t.log_every and (self.step % t.log_every == 0 or last):
-                    log.print(status_line(row, t.max_steps))
+                if self.early.stopped:
+                    self._stop_early(log)
+                    break
                 if stopping and not last:
                     self.save(checkpoint.step_tag(self.step))
                     log.print(
@@ -338,6 +358,7 @@ class Trainer:
                         f"{EXIT_REQUEUE} (run again to continue)"
                     )
                     log.log({"step": self.step, "event": "preempted"})
+                    log.finish("preempted", checkpoint_tags(self.run_dir))
                     # No rank leaves before rank 0 has logged; from here a signal (srun
                     # ending the others once one task exits) finds the work saved.
                     barrier()
@@ -345,8 +366,11 @@ class Trainer:
                     return {"step": self.step, "tokens": self.tokens, "preempted": True}
                 if not last and (self.step == end or (c.every and self.step % c.every == 0)):
                     self.save(checkpoint.step_tag(self.step))
-            if last_row and self.step == t.max_steps:
+            if last_row and self.step == t.max_steps and not self.early.stopped:
                 self.save("final")
+            done = "max_steps" if self.step >= t.max_steps else "stop_at"
+            reason = "early_stop" if self.early.stopped else done
+            log.finish(reason, checkpoint_tags(self.run_dir), self.early.reason)
         finally:
             self.watchdog.stop()
             stop.restore()
@@ -357,6 +381,12 @@ class Trainer:
             "best_val_loss": self.best_val_loss,
             **{k: last_row.get(k) for k in ("loss", "val_loss")},
         }
+
+    def _stop_early(self, log: RunLogger) -> None:
+        """Every rank got here at the same eval (the val loss is all-reduced)."""
+        self.save("final")  # `best` already holds the best weights
+        log.log({"step": self.step, "event": "early_stop", "reason": self.early.reason})
+        log.print(f"early stop at step {self.step}: {self.early.reason}; saved `final`")
 
     def train_step(self, stop_requested: bool = False) -> dict[str, Any]:
         t = self.cfg.train
@@ -459,6 +489,7 @@ class Trainer:
                 {"step": self.step, "prompt": prompt, "completion": self.tokenizer.decode(new)}
             )
         self.engine.train()
+        self.early.update(loss, self.step)
         if loss < self.best_val_loss:
             self.best_val_loss = loss
             if self.cfg.checkpoint.save_best:
@@ -490,21 +521,6 @@ def open_data(
         return TokenDataset(cfg.data.path, split, cfg.train.seq_len)
     seed = cfg.train.seed if split == "train" else None
     return open_split(cfg.data.sources(), split, cfg.train.seq_len, seed, warn)
-
-
-def status_line(row: dict[str, Any], max_steps: int) -> str:
-    parts = [
-        f"step {row['step']}/{max_steps}",
-        f"loss {row['loss']:.4f}",
-        f"lr {row['lr']:.2e}",
-        f"gnorm {row['grad_norm']:.3f}" if row.get("grad_norm") is not None else "gnorm -",
-        f"{row['tok_per_s'] / 1e3:.1f}k tok/s",
-    ]
-    if row.get("mfu") is not None:
-        parts.append(f"mfu {100 * row['mfu']:.1f}%")
-    if "val_loss" in row:
-        parts.append(f"val {row['val_loss']:.4f} (ppl {row['val_ppl']:.1f})")
-    return " | ".join(parts)
 
 
 def seed_everything(seed: int) -> None:

@@ -256,7 +256,8 @@ def test_nan_steps_spikes_and_rollback(byte_data, tmp_path):
     assert same_state(ckpts / "step_00000009", ckpts / "step_00000010")  # spike skipped
     assert not same_state(ckpts / "step_00000010", ckpts / "final")
     rows = read_metrics(run_dir)
-    events = [(r["step"], r["event"]) for r in rows if "event" in r]
+    # the trainer's own events; the monitor's warnings (grad norm not finite) are not asserted
+    events = [(r["step"], r["event"]) for r in rows if r.get("event", "warning") != "warning"]
     assert events == [
         (3, "nonfinite"),
         (6, "nonfinite"),
@@ -285,7 +286,8 @@ def test_nan_skip_leaves_engine_state_unchanged(byte_data, tmp_path, stage, port
     ckpts = run_dir / "checkpoints"
     assert same_state(ckpts / "step_00000001", ckpts / "step_00000002")
     assert not same_state(ckpts / "step_00000002", ckpts / "final")
-    events = [(r["step"], r["event"], r["skipped"]) for r in read_metrics(run_dir) if "event" in r]
+    rows = [r for r in read_metrics(run_dir) if r.get("event", "warning") != "warning"]
+    events = [(r["step"], r["event"], r["skipped"]) for r in rows]
     assert events == [(2, "nonfinite", True)]
 
 

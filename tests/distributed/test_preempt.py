@@ -72,10 +72,14 @@ def test_signal_to_one_rank_checkpoints_all_and_resume_is_exact(byte_data, tmp_p
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "latest").read_text() == f"step_{step:08d}"
     assert json.loads((ckpts / f"step_{step:08d}" / "dsfm_state.json").read_text())["step"] == step
+    summary = json.loads((run_dir / "summary.json").read_text())  # written before exiting 75
+    assert (summary["stop_reason"], summary["steps"]) == ("preempted", step)
 
     deepspeed_train("zero2", [*common, f"train.out_dir={run_dir}"], port=29564)
     resumed = [r for r in read_metrics(run_dir) if "loss" in r]
-    full = read_metrics(reference)
+    full = [r for r in read_metrics(reference) if "loss" in r]
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))  # no step lost or repeated
     for a, b in zip(resumed, full):
         assert (a["step"], a["loss"], a["lr"]) == (b["step"], b["loss"], b["lr"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["stop_reason"], summary["steps"]) == ("max_steps", STEPS)
