@@ -374,7 +374,7 @@ def _count(n: float) -> str:
 
 def _duration(seconds: float) -> str:
     if seconds < 60:
-        return f"{seconds:.0f} s"
+        return f"{seconds:.0f} s" if seconds >= 1 else "< 1 s"
     if seconds < 3600:
         return f"{seconds / 60:.1f} min"
     if seconds < 2 * 86400:
