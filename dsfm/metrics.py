@@ -127,6 +127,9 @@ class RunLogger:
         """RUN/summary.json and the summary table (also without the console sink)."""
         if not self.enabled:
             return None
+        for sink in self.sinks:  # the progress bar and W&B's own closing words come first
+            sink.close()
+        self.sinks = []
         rows, events = read_metrics(self.run_dir / "metrics.jsonl")
         s = run_summary.summarize(rows, events, self.total_steps, checkpoints, stop_reason)
         run_summary.write(s, self.run_dir)
