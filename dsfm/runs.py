@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from dsfm import summary as run_summary
+from dsfm.ds_config import precision, zero_stage
 
 RUNNING_WINDOW_S = 300  # metrics.jsonl written this recently: the run is (probably) alive
 SEARCH_DEPTH = 3  # runs/GROUP/NAME/... is as deep as people nest runs
@@ -169,8 +170,6 @@ def data_label(config: dict[str, Any]) -> str:
 def describe(run: Run, name: str) -> dict[str, Any]:
     """One `dsfm runs` row (also its --json object)."""
     s, ds = run.summary, run.ds_config
-    # As engine.zero_stage/precision; engine imports deepspeed, which listing must not.
-    precision = next((p for p in ("bf16", "fp16") if ds.get(p, {}).get("enabled")), "fp32")
     best = s.get("best_val_loss")
     return {
         "name": name,
@@ -179,8 +178,8 @@ def describe(run: Run, name: str) -> dict[str, Any]:
         "model": model_label(run.config),
         "n_params": n_params(run),
         "data": data_label(run.config),
-        "zero_stage": ds.get("zero_optimization", {}).get("stage") if ds else None,
-        "precision": precision if ds else None,
+        "zero_stage": zero_stage(ds) if ds else None,
+        "precision": precision(ds) if ds else None,
         "global_batch": ds.get("train_batch_size"),
         "seq_len": run.config.get("train", {}).get("seq_len"),
         "steps": s["steps"],

@@ -33,7 +33,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-SINKS = ("console", "csv", "tensorboard", "wandb")  # as dsfm.config.LOG_SINKS
+from dsfm.config import LOG_SINKS
+
 EVAL_COLUMNS = ("val_loss", "val_ppl")
 
 
@@ -206,5 +207,5 @@ def open_sinks(
         elif name == "wandb":
             sinks.append(WandbSink(run_dir, wandb_project, wandb_mode, config or {}))
         else:
-            raise ValueError(f"unknown sink {name!r}; known sinks: {', '.join(SINKS)}")
+            raise ValueError(f"unknown sink {name!r}; known sinks: {', '.join(LOG_SINKS)}")
     return sinks
