@@ -70,7 +70,7 @@ def run_child(code: str, env: dict[str, str]) -> dict:
 
 BASELINE = """
 import json, time, sys
-from dsfm.tokenizer import Tokenizer
+from dsfm.data.tokenizer import Tokenizer
 tok = Tokenizer.load({tok!r})
 texts = [json.loads(l)["text"] for f in {files!r} for l in open(f, encoding="utf-8") if l.strip()]
 n_bytes = sum(len(t.encode()) for t in texts)
@@ -135,12 +135,12 @@ def loader_overhead(data_dir: Path, steps: int) -> dict:
     """One global batch from the memmap vs one smoke-model training step."""
     import torch
 
-    from dsfm.config import load_config
+    from dsfm.config.resolve import load_resolved
     from dsfm.data.dataset import TokenDataset
     from dsfm.data.sampler import Sampler
     from dsfm.model.gpt import GPT
 
-    cfg = load_config(str(ROOT / "configs" / "smoke.yaml"), [f"data.path={data_dir}"], world_size=1)
+    cfg = load_resolved(str(ROOT / "configs" / "smoke.yaml"), [f"data.path={data_dir}"])
     t = cfg.train
     data = TokenDataset(data_dir, "train", t.seq_len)
     global_batch = t.micro_batch_size * t.grad_accum
@@ -256,7 +256,7 @@ def main() -> None:
     from rich.table import Table
 
     from dsfm.data.corpus import stdlib_documents
-    from dsfm.tokenizer import train_bpe
+    from dsfm.data.tokenizer import train_bpe
 
     console = Console()
     with tempfile.TemporaryDirectory(prefix="dsfm-bench-") as tmp:

@@ -27,7 +27,7 @@ def child(variant: str, args: argparse.Namespace) -> float:
     import torch
     import torch.nn.functional as F
 
-    from dsfm.config import ModelConfig
+    from dsfm.model.config import ModelConfig
     from dsfm.model.gpt import GPT
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

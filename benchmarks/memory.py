@@ -25,8 +25,11 @@ ATTEMPTS = [("zero2_offload", []), ("zero3_offload", ["model.activation_checkpoi
 def try_preset(preset: str, args: argparse.Namespace, device: torch.device) -> dict:
     for ds_name, extra in ATTEMPTS:
         cfg = tp.make_config(preset, args, [*extra, "train.precision=bf16"])
-        ds = tp.ds_engine.fill_ds_config(
-            tp.ds_engine.read_ds_config(tp.ROOT / "ds_configs" / f"{ds_name}.json"), cfg, 1
+        ds = tp.fill_ds_config(
+            tp.read_ds_config(tp.ROOT / "ds_configs" / f"{ds_name}.json"),
+            cfg,
+            1,
+            tp.ds_engine.accelerator_name(),
         )
         engine = None
         try:

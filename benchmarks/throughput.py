@@ -12,7 +12,7 @@ For each size it runs, side by side in this process and on the same random token
 and prints tokens/s, MFU (null off CUDA: no known peak), peak memory and the ratio of
 tokens/s to the compiled baseline (eager where compile is skipped). Results go to JSON.
 
-MFU = tokens/s x (6 N_non-embedding + 12 L d T) / peak (GPT.flops_per_token, dsfm.metrics).
+MFU = tokens/s x (6 N_non-embedding + 12 L d T) / peak (GPT.flops_per_token, dsfm.observe.metrics).
 Timing excludes `--warmup` steps (compilation, allocator warm-up) and synchronises the
 device around the timed steps.
 """
@@ -35,13 +35,16 @@ os.environ.setdefault("DSFM_DS_LOG_LEVEL", "ERROR")
 
 import torch  # noqa: E402
 
-from dsfm import dist  # noqa: E402
-from dsfm import engine as ds_engine  # noqa: E402
-from dsfm.config import Config, load_config  # noqa: E402
-from dsfm.metrics import mfu, peak_flops  # noqa: E402
+from dsfm.config.deepspeed import fill_ds_config, read_ds_config  # noqa: E402
+from dsfm.config.load import load_config  # noqa: E402
+from dsfm.config.schema import Config  # noqa: E402
+from dsfm.distributed import env as dist  # noqa: E402
+from dsfm.gpus import peak_flops  # noqa: E402
 from dsfm.model.gpt import GPT  # noqa: E402
+from dsfm.observe.metrics import mfu  # noqa: E402
+from dsfm.train import engine as ds_engine  # noqa: E402
 
-# "tiny" is for CPU smoke runs; the others are dsfm presets (dsfm/model/presets.py).
+# "tiny" is for CPU smoke runs; the others are dsfm presets (dsfm/model/config.py).
 TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.ffn_hidden=128"]
 
 
@@ -62,8 +65,11 @@ def make_config(size: str, args: argparse.Namespace, extra: list[str]) -> Config
             "schedule.warmup_steps=1",
             *extra,
         ],
-        check_data=False,
     )
+
+
+def peak(device: torch.device) -> float | None:
+    return peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 def sync(device: torch.device) -> None:
@@ -128,9 +134,9 @@ def run_plain(cfg: Config, device: torch.device, compile: bool, args) -> dict[st
 def run_deepspeed(
     cfg: Config, device: torch.device, stage: int, compile: bool, args
 ) -> dict[str, Any]:
-    """dsfm's path: engine.fill_ds_config + engine.initialize, as the trainer does."""
-    ds = ds_engine.read_ds_config(ROOT / "ds_configs" / f"zero{stage}.json")
-    ds = ds_engine.fill_ds_config(ds, cfg, world_size=1)
+    """dsfm's path: fill_ds_config + engine.initialize, as the trainer does."""
+    ds = read_ds_config(ROOT / "ds_configs" / f"zero{stage}.json")
+    ds = fill_ds_config(ds, cfg, world_size=1, accelerator=ds_engine.accelerator_name())
     torch.manual_seed(0)
     engine = ds_engine.initialize(GPT(cfg.model), ds, cfg.optim.weight_decay, compile=compile)
     x, y = batch(cfg, device)
@@ -185,7 +191,7 @@ def bench_size(size: str, device: torch.device, args) -> list[dict[str, Any]]:
                 "variant": name,
                 "precision": precision,
                 "tokens_per_s": tok_s,
-                "mfu": mfu(tok_s, fpt, 1, peak_flops(device)),
+                "mfu": mfu(tok_s, fpt, 1, peak(device)),
                 "peak_mem_gb": result["peak_mem_gb"],
                 "rss_max_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                 "flops_per_token": fpt,

@@ -1,6 +1,6 @@
 """Accelerators we know: dense bf16 peak FLOP/s and memory, one table (torch-free).
 
-Metrics' MFU finds the peak by substring of the CUDA device name (so "A100" also
+MFU finds the peak by substring of the CUDA device name (`peak_flops`: "A100" also
 matches "NVIDIA A100-SXM4-40GB"); `dsfm plan` looks cards up by these names. Memory is
 the card's marketed size, read as GiB. V100 has no bf16: its entry is the fp16 peak.
 """
@@ -22,7 +22,10 @@ GPUS: dict[str, tuple[float, float]] = {
     "V100": (125e12, 32),
 }
 
-PEAK_FLOPS: dict[str, float] = {name: peak for name, (peak, _) in GPUS.items()}
+
+def peak_flops(device_name: str) -> float | None:
+    """Dense bf16 peak of the card a CUDA device name describes ("NVIDIA H100 80GB HBM3")."""
+    return next((peak for known, (peak, _) in GPUS.items() if known in device_name), None)
 
 
 def _key(name: str) -> str:

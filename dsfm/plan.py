@@ -11,11 +11,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
+import sys
 from typing import Any
 
-from dsfm.config import Config, ModelConfig
-from dsfm.model.sizes import block_params, flops_per_token, num_params, resolve_config
+from dsfm.config.deepspeed import precision as ds_precision
+from dsfm.config.deepspeed import read_ds_config
+from dsfm.config.load import find_recipe, load_config
+from dsfm.config.schema import Config
+from dsfm.data.format import META_FILE, read_meta_file
+from dsfm.gpus import find_gpu
+from dsfm.model.config import ModelConfig
+from dsfm.model.sizes import block_params, flops_per_token, num_params
+from dsfm.observe.numbers import duration, human
 
 GIB = 2**30
 OVERHEAD_BYTES = 1 * GIB  # CUDA context, cuBLAS workspaces, allocator fragmentation
@@ -125,7 +132,7 @@ def activation_bytes(
 ) -> dict[str, float]:
     """Bytes of one micro-batch's activations: `saved` (kept by the forward for backward)
     and `peak` (saved plus the largest transient: a logits chunk or a recomputed block)."""
-    m = resolve_config(m)
+    m = m.checked()
     a = bytes_per_value(precision)
     n = micro_batch * seq_len  # tokens
     d, f, heads = m.d_model, m.ffn_hidden, m.n_heads
@@ -214,15 +221,16 @@ def _row(
 def _vocab(cfg: Config, default: int) -> tuple[int, str]:
     if cfg.model.vocab_size > 0:
         return cfg.model.vocab_size, "model.vocab_size"
-    sizes = {
-        path: json.loads((Path(path) / "meta.json").read_text())["vocab_size"]
-        for _, path, _ in cfg.data.sources()
-        if (Path(path) / "meta.json").is_file()
-    }
+    sizes = {}
+    for _, path, _ in cfg.data.sources():
+        try:
+            sizes[path] = int(read_meta_file(path)["vocab_size"])
+        except (FileNotFoundError, ValueError):
+            continue  # the data need not exist yet
     if sizes:
-        return max(sizes.values()), f"from {', '.join(sizes)}/meta.json"
+        return max(sizes.values()), f"from {', '.join(sizes)}/{META_FILE}"
     where = cfg.data.path or "data.path"
-    return default, f"assumed, --vocab-size: no model.vocab_size and no meta.json in {where}"
+    return default, f"assumed, --vocab-size: no model.vocab_size and no {META_FILE} in {where}"
 
 
 def make_plan(
@@ -246,9 +254,7 @@ def make_plan(
     if tokens is not None and tokens < 1:
         raise ValueError(f"--tokens must be >= 1, got {tokens}")
     vocab, vocab_source = _vocab(cfg, vocab_size)
-    cfg = dataclasses.replace(
-        cfg, model=resolve_config(dataclasses.replace(cfg.model, vocab_size=vocab))
-    )
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab).checked())
     t = cfg.train
     global_batch = t.global_batch_size or t.micro_batch_size * t.grad_accum * hw.n_gpus
     if global_batch % hw.n_gpus:
@@ -365,23 +371,6 @@ def _verdict(plan: dict[str, Any]) -> str:
     )
 
 
-def _count(n: float) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.0f} s" if seconds >= 1 else "< 1 s"
-    if seconds < 3600:
-        return f"{seconds / 60:.1f} min"
-    if seconds < 2 * 86400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
-
-
 def gib(n: float) -> str:
     """The table's format for a byte count (tests parse it back)."""
     return f"{n / GIB:.2f}"
@@ -394,15 +383,15 @@ def print_plan(plan: dict[str, Any], console: Any) -> None:
     m, hw, b = plan["model"], plan["hardware"], plan["batch"]
     mem = hw["memory_bytes"] / GIB
     lines = [
-        f"model      {_count(m['params'])} parameters ({_count(m['non_embedding_params'])} "
+        f"model      {human(m['params'])} parameters ({human(m['non_embedding_params'])} "
         f"non-embedding), {m['n_layers']} layers x {m['d_model']} wide, {m['n_heads']} heads "
         f"({m['n_kv_heads']} kv), vocab {m['vocab_size']:,} ({m['vocab_source']})"
         + (", tied embeddings" if m["tie_embeddings"] else ""),
         f"batch      global {b['global']} sequences x {b['seq_len']} tokens "
         f"(configured micro {b['micro']} x accum {b['grad_accum']}); precision {plan['precision']}",
         f"FLOPs      {plan['flops_per_token']:.3g} per token; {plan['total_flops']:.3g} for "
-        f"{_count(plan['tokens'])} tokens ({plan['tokens_source']})",
-        f"Chinchilla {_count(plan['chinchilla_tokens'])} tokens (20 x {_count(m['params'])} "
+        f"{human(plan['tokens'])} tokens ({plan['tokens_source']})",
+        f"Chinchilla {human(plan['chinchilla_tokens'])} tokens (20 x {human(m['params'])} "
         f"total parameters); planned = {plan['tokens'] / plan['chinchilla_tokens']:.2f}x that",
     ]
     gpu = f"{hw['n_gpus']}x {hw['gpu']} ({mem:.0f} GiB)"
@@ -410,7 +399,7 @@ def print_plan(plan: dict[str, Any], console: Any) -> None:
         lines.append(f"time       unknown: no peak FLOP/s for {gpu} (pass --gpu NAME)")
     else:
         lines.append(
-            f"time       {_duration(plan['time_s'])} on {gpu} at {plan['mfu']:.0%} MFU "
+            f"time       {duration(plan['time_s'])} on {gpu} at {plan['mfu']:.0%} MFU "
             f"({hw['peak_flops'] / 1e12:.0f} TFLOP/s bf16 peak per GPU)"
         )
     for line in lines:
@@ -440,8 +429,58 @@ def print_plan(plan: dict[str, Any], console: Any) -> None:
     console.print(f"recommendation: {plan['verdict']}", style=style, markup=False, highlight=False)
     if rec:
         if rec.get("time_s") is not None:
-            console.print(f"  time with it: {_duration(rec['time_s'])}", markup=False)
+            console.print(f"  time with it: {duration(rec['time_s'])}", markup=False)
         console.print(f"  {rec['command']}", markup=False, highlight=False, soft_wrap=True)
     console.print("assumptions:", style="dim")
     for a in plan["assumptions"]:
         console.print(f"  - {a}", style="dim", markup=False, highlight=False)
+
+
+def plan_command(
+    config: str | None,
+    ds: str,
+    gpus: int,
+    gpus_per_node: int | None,
+    gpu: str | None,
+    gpu_mem: float | None,
+    tokens: float | None,
+    mfu: float,
+    vocab_size: int,
+    as_json: bool,
+    overrides: list[str],
+) -> int:
+    if gpus < 1:
+        raise ValueError(f"--gpus must be >= 1, got {gpus}")
+    if gpus_per_node is not None and gpus_per_node < 1:
+        raise ValueError(f"--gpus-per-node must be >= 1, got {gpus_per_node}")
+    if gpu_mem is not None and gpu_mem <= 0:
+        raise ValueError(f"--gpu-mem must be > 0 GiB, got {gpu_mem}")
+    gpu = gpu or ("H100" if gpu_mem is None else None)  # the header names the card
+    name, peak, memory = find_gpu(gpu) if gpu else ("custom", None, gpu_mem)
+    hw = Hardware(
+        gpu=name,
+        n_gpus=gpus,
+        memory_bytes=(gpu_mem or memory) * GIB,
+        peak_flops=peak,
+        gpus_per_node=gpus_per_node or min(gpus, 8),
+    )
+    cfg = load_config(find_recipe(config) if config else None, overrides, world_size=gpus)
+    recipes = {v[0]: read_ds_config(find_recipe(f"ds_configs/{v[0]}.json")) for v in VARIANTS}
+    plan = make_plan(
+        cfg,
+        recipes,
+        cfg.train.precision or ds_precision(read_ds_config(find_recipe(ds))),
+        hw,
+        tokens=int(tokens) if tokens is not None else None,
+        mfu=mfu,
+        vocab_size=vocab_size,
+        config_path=config,
+        overrides=overrides,
+    )
+    if as_json:
+        print(json.dumps(plan))
+    else:
+        from rich.console import Console
+
+        print_plan(plan, Console() if sys.stdout.isatty() else Console(width=120))
+    return 0

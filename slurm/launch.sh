@@ -23,7 +23,7 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 
 NODELIST=${SLURM_JOB_NODELIST:-$DSFM_PLAN_NODELIST}
 TASKS_PER_NODE=${SLURM_NTASKS_PER_NODE:-$DSFM_PLAN_TASKS_PER_NODE}
-MASTER_ADDR=$("$PYTHON" -c "import sys; from dsfm.dist import expand_nodelist; print(expand_nodelist(sys.argv[1])[0])" "$NODELIST") || exit 2
+MASTER_ADDR=$("$PYTHON" -c "import sys; from dsfm.distributed.env import expand_nodelist; print(expand_nodelist(sys.argv[1])[0])" "$NODELIST") || exit 2
 MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 RUN_DIR=$("$PYTHON" -m dsfm.cli config --config "$CONFIG" --get train.out_dir "$@") || exit 2
 RESTART=${SLURM_RESTART_COUNT:-0}
@@ -33,7 +33,7 @@ SRUN=(srun --kill-on-bad-exit=1 --output="$RUN_DIR/logs/job${SLURM_JOB_ID:-ID}-r
 if [ "$DRY_RUN" = 1 ]; then
     echo "run dir:  $RUN_DIR (task logs in $RUN_DIR/logs/)"
     echo "command:  ${SRUN[*]} ${CMD[*]}"
-    exec "$PYTHON" -m dsfm.dist --nodelist "$NODELIST" --tasks-per-node "$TASKS_PER_NODE" \
+    exec "$PYTHON" -m dsfm.distributed.slurm --nodelist "$NODELIST" --tasks-per-node "$TASKS_PER_NODE" \
         --port "$MASTER_PORT" -- "${CMD[@]}"
 fi
 

@@ -11,93 +11,21 @@ Design choices:
   shard boundary (each shard loses under one window at its end), so a sample is one slice
   of one memmap and shards can be opened independently.
 - Sample order is not this module's business: `sampler.py` chooses indices.
-- `read_meta` checks the files against `meta.json` before anything trusts them, so a
-  truncated copy fails at start-up with the file's name instead of mid-run.
+- Opening checks the files against `meta.json` first (`format.read_meta`), so a truncated
+  copy fails at start-up with the file's name instead of mid-run.
 - Pickling drops the memmap and reopens it, so a DataLoader worker gets a view of the
   file rather than a copy of the whole split.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-META_FILE = "meta.json"
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
-PREPARE_HINT = "run `dsfm prepare` to (re)create it"
-
-
-def shards(meta: dict, split: str) -> list[dict]:
-    """The split's shards in order: `{"name", "tokens", "docs"[, "sha256"]}`; datasets
-    written before sharding have one shard named after the split."""
-    counts = meta["splits"][split]
-    return counts.get("shards") or [
-        {"name": split, "tokens": counts["tokens"], "docs": counts["docs"]}
-    ]
-
-
-def read_meta(data_dir: str | Path) -> dict:
-    """Load `data_dir/meta.json` and check every split's files match it."""
-    data_dir = Path(data_dir)
-    meta_path = data_dir / META_FILE
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"data directory {data_dir} does not exist; {PREPARE_HINT}")
-    if not meta_path.is_file():
-        raise FileNotFoundError(
-            f"{meta_path} is missing, so {data_dir} is not a prepared dataset; {PREPARE_HINT}"
-        )
-    try:
-        meta = json.loads(meta_path.read_text())
-        version = meta["format_version"]
-        dtype = np.dtype(meta["dtype"])
-        splits = meta["splits"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{meta_path} is unreadable or incomplete ({e!r}); {PREPARE_HINT}") from e
-    if version not in SUPPORTED_FORMAT_VERSIONS:
-        raise ValueError(
-            f"{meta_path} has format_version {version}, this dsfm reads "
-            f"{SUPPORTED_FORMAT_VERSIONS}; {PREPARE_HINT} with this version"
-        )
-    for split in splits:
-        for shard in shards(meta, split):
-            for path, expected in (
-                (data_dir / f"{shard['name']}.bin", shard["tokens"] * dtype.itemsize),
-                (data_dir / f"{shard['name']}.idx", (shard["docs"] + 1) * 8),
-            ):
-                if not path.is_file():
-                    raise FileNotFoundError(f"{path} is missing; {PREPARE_HINT}")
-                size = path.stat().st_size
-                if size != expected:
-                    raise ValueError(
-                        f"{path} is {size} bytes but {meta_path} implies {expected}; the dataset "
-                        f"is truncated or mixed from different runs, {PREPARE_HINT}"
-                    )
-    _check_tokenizer(data_dir, meta)
-    return meta
-
-
-def _check_tokenizer(data_dir: Path, meta: dict) -> None:
-    """The tokenizer.json beside the tokens must be the one that made them."""
-    expected = meta.get("tokenizer_sha256")
-    path = data_dir / meta.get("tokenizer", "tokenizer.json")
-    if expected is None:  # format 1 recorded no hash
-        return
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing; the token ids cannot be decoded, {PREPARE_HINT}"
-        )
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != expected:
-        raise ValueError(
-            f"{path} is not the tokenizer that produced {data_dir} (sha256 {digest[:12]}… vs "
-            f"{expected[:12]}… in {META_FILE}); copy back the original tokenizer.json or "
-            f"{PREPARE_HINT}"
-        )
+from dsfm.data.format import open_mask, open_tokens, read_meta, shards
 
 
 class TokenDataset:
@@ -130,22 +58,11 @@ class TokenDataset:
         self._tokens, self._mask = self._open()
 
     def _open(self) -> tuple[list[np.memmap], list[np.memmap] | None]:
-        dtype = np.dtype(self.meta["dtype"])
-        tokens, masks = [], []
-        for shard in self.shards:
-            path = self.data_dir / f"{shard['name']}.bin"
-            tokens.append(np.memmap(path, dtype=dtype, mode="r", shape=(shard["tokens"],)))
-            if self.meta.get("loss_mask"):  # instruction data: learn only the marked tokens
-                mask_path = self.data_dir / f"{shard['name']}.mask"
-                if not mask_path.is_file() or mask_path.stat().st_size != shard["tokens"]:
-                    raise ValueError(
-                        f"{mask_path} is missing or not one byte per token; re-run the data "
-                        f"preparation"
-                    )
-                masks.append(
-                    np.memmap(mask_path, dtype=np.uint8, mode="r", shape=(shard["tokens"],))
-                )
-        return tokens, (masks if self.meta.get("loss_mask") else None)
+        tokens = [open_tokens(self.data_dir, self.meta, shard) for shard in self.shards]
+        if not self.meta.get("loss_mask"):
+            return tokens, None
+        # instruction data: learn only the marked tokens
+        return tokens, [open_mask(self.data_dir, shard) for shard in self.shards]
 
     def __len__(self) -> int:
         return int(self._bounds[-1])

@@ -23,23 +23,22 @@ from typing import Any
 
 import numpy as np
 
-from dsfm.data.dataset import META_FILE, read_meta, shards
-from dsfm.data.prepare import file_sha256
-from dsfm.tokenizer import Tokenizer
+from dsfm.data.format import (
+    META_FILE,
+    bin_path,
+    file_sha256,
+    idx_path,
+    open_tokens,
+    read_meta,
+    read_offsets,
+    shards,
+)
+from dsfm.data.tokenizer import Tokenizer
 
 CHUNK_TOKENS = 1 << 22
 SAMPLE_CHUNKS = 16
 TOP_TOKENS = 20
 SAMPLE_CHARS = 600
-
-
-def _tokens(data_dir: Path, meta: dict, shard: dict) -> np.memmap:
-    path = data_dir / f"{shard['name']}.bin"
-    return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(shard["tokens"],))
-
-
-def _offsets(data_dir: Path, shard: dict) -> np.ndarray:
-    return np.fromfile(data_dir / f"{shard['name']}.idx", dtype=np.int64)
 
 
 def _length_histogram(lengths: np.ndarray) -> list[dict]:
@@ -60,7 +59,7 @@ def _sampled_counts(data_dir: Path, meta: dict, split_shards: list[dict]) -> tup
     counted = 0
     total = sum(s["tokens"] for s in split_shards)
     for shard in split_shards:
-        tokens = _tokens(data_dir, meta, shard)
+        tokens = open_tokens(data_dir, meta, shard)
         n_chunks = max(1, round(SAMPLE_CHUNKS * shard["tokens"] / max(total, 1)))
         starts = np.linspace(0, max(0, shard["tokens"] - CHUNK_TOKENS), n_chunks).astype(np.int64)
         for start in np.unique(starts):
@@ -74,7 +73,7 @@ def stats(data_dir: str | Path, seed: int = 0) -> dict[str, Any]:
     """Counts, document lengths, tokens/char, top tokens and a decoded random document."""
     data_dir = Path(data_dir)
     meta = read_meta(data_dir)
-    tok = Tokenizer.load(data_dir / meta["tokenizer"])
+    tok = Tokenizer.load(data_dir)
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {
         "path": str(data_dir),
@@ -89,7 +88,7 @@ def stats(data_dir: str | Path, seed: int = 0) -> dict[str, Any]:
         out["tokens_per_char"] = (all_tokens - all_docs) / meta["chars"]
     for split, counts in meta["splits"].items():
         split_shards = shards(meta, split)
-        lengths = np.concatenate([np.diff(_offsets(data_dir, s)) for s in split_shards])
+        lengths = np.concatenate([np.diff(read_offsets(data_dir, s)) for s in split_shards])
         info: dict[str, Any] = {
             "tokens": counts["tokens"],
             "docs": counts["docs"],
@@ -120,9 +119,9 @@ def _random_document(data_dir, meta, split_shards, tok, rng) -> dict[str, Any]:
     shard = split_shards[int(rng.integers(len(split_shards)))]
     if not shard["docs"]:
         shard = next(s for s in split_shards if s["docs"])
-    offsets = _offsets(data_dir, shard)
+    offsets = read_offsets(data_dir, shard)
     doc = int(rng.integers(shard["docs"]))
-    ids = _tokens(data_dir, meta, shard)[offsets[doc] : offsets[doc + 1]]
+    ids = open_tokens(data_dir, meta, shard)[offsets[doc] : offsets[doc + 1]]
     text = tok.decode(ids)
     return {
         "shard": shard["name"],
@@ -187,24 +186,38 @@ def verify(data_dir: str | Path) -> list[str]:
     problems = []
     for split in meta["splits"]:
         for shard in shards(meta, split):
-            bin_path = data_dir / f"{shard['name']}.bin"
-            if "sha256" in shard and file_sha256(bin_path) != shard["sha256"]:
+            bin_file = bin_path(data_dir, shard["name"])
+            if file_sha256(bin_file) != shard["sha256"]:
                 problems.append(
-                    f"{bin_path}: sha256 differs from {META_FILE}; the file was modified or "
+                    f"{bin_file}: sha256 differs from {META_FILE}; the file was modified or "
                     "corrupted after `dsfm prepare` wrote it; prepare the dataset again"
                 )
-            tokens = _tokens(data_dir, meta, shard)
-            problems += _check_ids(tokens, meta["vocab_size"], str(bin_path))
-            idx_path = data_dir / f"{shard['name']}.idx"
+            tokens = open_tokens(data_dir, meta, shard)
+            problems += _check_ids(tokens, meta["vocab_size"], str(bin_file))
             problems += _check_offsets(
-                _offsets(data_dir, shard), tokens, shard, meta["eot_id"], str(idx_path)
+                read_offsets(data_dir, shard),
+                tokens,
+                shard,
+                meta["eot_id"],
+                str(idx_path(data_dir, shard["name"])),
             )
-            mask_path = data_dir / f"{shard['name']}.mask"
-            if meta.get("loss_mask") and (
-                not mask_path.is_file() or mask_path.stat().st_size != shard["tokens"]
-            ):
-                problems.append(f"{mask_path}: missing or not one byte per token")
     return problems
+
+
+def stats_command(data_dir: str, as_json: bool, seed: int) -> int:
+    print_stats(stats(data_dir, seed=seed), as_json)
+    return 0
+
+
+def verify_command(data_dir: str) -> int:
+    problems = verify(data_dir)
+    for problem in problems:
+        print(f"FAIL {problem}")
+    if problems:
+        print(f"{data_dir}: {len(problems)} problem(s); re-run `dsfm prepare` for this dataset")
+        return 1
+    print(f"{data_dir}: OK (sizes, checksums, token ids, document offsets)")
+    return 0
 
 
 def print_stats(result: dict[str, Any], as_json: bool) -> None:

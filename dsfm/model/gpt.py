@@ -41,13 +41,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from dsfm.config import ModelConfig
 from dsfm.model import ops
-from dsfm.model.sizes import (  # noqa: F401  (flops_per_token, non_embedding_params: re-exported)
-    flops_per_token,
-    non_embedding_params,
-    resolve_config,
-)
+from dsfm.model.config import ModelConfig
+from dsfm.model.sizes import flops_per_token
 
 IGNORE_INDEX = -100
 
@@ -239,7 +235,7 @@ class LMHead(nn.Linear):
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        cfg = resolve_config(cfg)
+        cfg = cfg.checked()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
@@ -342,5 +338,5 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token at this context length; see module-level `flops_per_token`."""
+        """Training FLOPs per token at this context length (`sizes.flops_per_token`)."""
         return flops_per_token(self.cfg, seq_len)

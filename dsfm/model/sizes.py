@@ -7,33 +7,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-
-from dsfm.config import ModelConfig
-from dsfm.model.presets import _swiglu_hidden
-
-
-def resolve_config(cfg: ModelConfig) -> ModelConfig:
-    """A copy of `cfg` with `n_kv_heads`/`ffn_hidden` filled in and the sizes checked."""
-    n_kv_heads = cfg.n_kv_heads if cfg.n_kv_heads is not None else cfg.n_heads
-    ffn_hidden = cfg.ffn_hidden if cfg.ffn_hidden is not None else _swiglu_hidden(cfg.d_model)
-    problems = []
-    if cfg.vocab_size <= 0:
-        problems.append(f"vocab_size must be positive, got {cfg.vocab_size}")
-    if cfg.n_heads <= 0 or cfg.d_model % cfg.n_heads:
-        problems.append(f"n_heads ({cfg.n_heads}) must divide d_model ({cfg.d_model})")
-    elif (cfg.d_model // cfg.n_heads) % 2:
-        problems.append(f"head_dim ({cfg.d_model // cfg.n_heads}) must be even for RoPE")
-    if n_kv_heads <= 0 or cfg.n_heads % n_kv_heads:
-        problems.append(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({cfg.n_heads})")
-    if problems:
-        raise ValueError("invalid model config: " + "; ".join(problems))
-    return dataclasses.replace(cfg, n_kv_heads=n_kv_heads, ffn_hidden=ffn_hidden)
+from dsfm.model.config import ModelConfig
 
 
 def block_params(cfg: ModelConfig) -> int:
     """Parameters of one transformer block (attention, SwiGLU MLP, two RMSNorms)."""
-    cfg = resolve_config(cfg)
+    cfg = cfg.checked()
     d, hd = cfg.d_model, cfg.head_dim
     attn = d * cfg.n_heads * hd * 2 + d * cfg.n_kv_heads * hd * 2  # q, o + k, v
     mlp = 3 * d * cfg.ffn_hidden

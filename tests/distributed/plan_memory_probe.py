@@ -1,7 +1,7 @@
 """Bytes of model states real DeepSpeed holds on this rank, per ZeRO stage (for test_plan_memory).
 
 Run by the deepspeed launcher. For each of zero0..zero3 it builds the engine through
-dsfm.engine.initialize, takes one step, then sums the bytes this rank holds of
+dsfm.train.engine.initialize, takes one step, then sums the bytes this rank holds of
 - weights: the module's parameters (ZeRO-1/2: the flat buffer they view), or under
   ZeRO-3 their partitions (`ds_tensor`);
 - optimizer: fp32 master partitions (`single_partition_of_fp32_groups`, ZeRO-3's
@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from dsfm import dist
-from dsfm import engine as ds_engine
 from dsfm.cli import add_train_args
-from dsfm.config import load_config
+from dsfm.config.deepspeed import fill_ds_config, read_ds_config
+from dsfm.config.load import load_config
+from dsfm.distributed import env as dist
 from dsfm.model.gpt import GPT
+from dsfm.train import engine as ds_engine
 
 STAGES = ["zero0", "zero1", "zero2", "zero3"]
 
@@ -75,15 +76,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     add_train_args(parser)
     args = parser.parse_args()
-    cfg = load_config(args.config, args.overrides, check_data=False)
+    cfg = load_config(args.config, args.overrides)
     ds_engine.init_distributed()
     t = cfg.train
     out = {}
     for name in STAGES:
-        raw = ds_engine.read_ds_config(Path("ds_configs") / f"{name}.json")
+        raw = read_ds_config(Path("ds_configs") / f"{name}.json")
         # Partition every weight (the tiny model's are all below the default threshold).
         raw["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-        ds = ds_engine.fill_ds_config(raw, cfg, dist.world_size())
+        ds = fill_ds_config(raw, cfg, dist.world_size(), ds_engine.accelerator_name())
         torch.manual_seed(0)
         engine = ds_engine.initialize(GPT(cfg.model), ds, cfg.optim.weight_decay)
         x = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len))

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from dsfm import checkpoint
+from dsfm.interop.weights import load_weights
+from dsfm.train import checkpoint
 from tests.conftest import ROOT, TINY, deepspeed_cmd, job_env, read_metrics
 
 pytestmark = pytest.mark.distributed
@@ -67,7 +68,7 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     ckpts = run_dir / "checkpoints"
-    return checkpoint.load_weights(ckpts, "final", checkpoint.client_state(ckpts, "final"))
+    return load_weights(ckpts, "final", checkpoint.client_state(ckpts, "final"))
 
 
 def assert_same_weights(run_dir: Path, reference: Path) -> None:

@@ -1,7 +1,7 @@
 """`dsfm plan`'s memory terms against the bytes real DeepSpeed holds per rank.
 
 Two CPU ranks (gloo) run tests/distributed/plan_memory_probe.py, which builds the tiny
-model's engine for ZeRO 0-3 through dsfm.engine.initialize, takes one optimizer step of two
+model's engine for ZeRO 0-3 through dsfm.train.engine.initialize, takes one optimizer step of two
 micro-batches and sums what each rank holds: weights (ZeRO-3: partitions) and optimizer
 states (fp32 master + Adam) after the step; the most gradient bytes and reduce-bucket
 bytes seen during backward (they are freed or reused after it). fp32 on CPU: the estimate
@@ -14,8 +14,8 @@ import json
 
 import pytest
 
-from dsfm.config import load_config
-from dsfm.ds_config import read_ds_config
+from dsfm.config.deepspeed import read_ds_config
+from dsfm.config.load import load_config
 from dsfm.model.sizes import num_params
 from dsfm.plan import bucket_bytes, model_state_bytes
 from tests.conftest import ROOT, TINY, deepspeed_train
@@ -31,7 +31,7 @@ def test_memory_terms_match_deepspeed(tmp_path):
     deepspeed_train(
         "zero0", overrides, port=29561, launcher="tests/distributed/plan_memory_probe.py"
     )
-    n_params = num_params(load_config(None, overrides, check_data=False).model)
+    n_params = num_params(load_config(None, overrides).model)
     for rank in (0, 1):
         measured = json.loads((tmp_path / f"memory_rank{rank}.json").read_text())
         for stage in range(4):

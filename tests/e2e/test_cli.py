@@ -13,12 +13,35 @@ def trained_run(tmp_path_factory):
     """`dsfm prepare` (trained BPE) then `dsfm train` of a d4-size model, as a user would."""
     root = tmp_path_factory.mktemp("e2e")
     data, run = root / "data", root / "run"
-    dsfm("prepare", "--input", "stdlib", "--out", str(data), "--vocab-size", "2048",
-         "--max-bytes", "3000000", "--val-fraction", "0.05")
-    dsfm("train", "--config", "configs/smoke.yaml", f"data.path={data}", f"train.out_dir={run}",
-         "model.preset=d4", "train.seq_len=128", "model.max_seq_len=128",
-         "train.micro_batch_size=8", "train.grad_accum=1", "train.max_steps=80",
-         "schedule.warmup_steps=10", "eval.every=40", "checkpoint.every=40")
+    dsfm(
+        "prepare",
+        "--input",
+        "stdlib",
+        "--out",
+        str(data),
+        "--vocab-size",
+        "2048",
+        "--max-bytes",
+        "3000000",
+        "--val-fraction",
+        "0.05",
+    )
+    dsfm(
+        "train",
+        "--config",
+        "configs/smoke.yaml",
+        f"data.path={data}",
+        f"train.out_dir={run}",
+        "model.preset=d4",
+        "train.seq_len=128",
+        "model.max_seq_len=128",
+        "train.micro_batch_size=8",
+        "train.grad_accum=1",
+        "train.max_steps=80",
+        "schedule.warmup_steps=10",
+        "eval.every=40",
+        "checkpoint.every=40",
+    )
     return run
 
 
@@ -46,12 +69,27 @@ def test_generate_cli_deterministic_and_cache_equals_no_cache(trained_run):
 
 def test_grad_accum_equals_larger_batch(byte_data, tmp_path):
     """k micro-batches of b equal one batch of k*b (fp32): same samples, same mean loss."""
-    common = [*TINY, f"data.path={byte_data}", "train.max_steps=4", "eval.every=0",
-              "checkpoint.every=0"]
-    dsfm("train", *common, f"train.out_dir={tmp_path / 'a'}", "train.micro_batch_size=2",
-         "train.grad_accum=4")
-    dsfm("train", *common, f"train.out_dir={tmp_path / 'b'}", "train.micro_batch_size=8",
-         "train.grad_accum=1")
+    common = [
+        *TINY,
+        f"data.path={byte_data}",
+        "train.max_steps=4",
+        "eval.every=0",
+        "checkpoint.every=0",
+    ]
+    dsfm(
+        "train",
+        *common,
+        f"train.out_dir={tmp_path / 'a'}",
+        "train.micro_batch_size=2",
+        "train.grad_accum=4",
+    )
+    dsfm(
+        "train",
+        *common,
+        f"train.out_dir={tmp_path / 'b'}",
+        "train.micro_batch_size=8",
+        "train.grad_accum=1",
+    )
     a, b = ([r for r in read_metrics(tmp_path / d) if "loss" in r] for d in "ab")
     # Only the order of float sums differs (per-micro-batch means averaged vs one mean).
     for key in ("loss", "grad_norm"):
@@ -61,9 +99,17 @@ def test_grad_accum_equals_larger_batch(byte_data, tmp_path):
 
 def test_bad_config_refused_before_any_work(tmp_path):
     run = tmp_path / "run"
-    out = dsfm("train", "--config", "configs/smoke.yaml", f"train.out_dir={run}",
-               "model.n_heads=3", "train.max_step=5", f"data.path={tmp_path}", check=False,
-               timeout=60)
+    out = dsfm(
+        "train",
+        "--config",
+        "configs/smoke.yaml",
+        f"train.out_dir={run}",
+        "model.n_heads=3",
+        "train.max_step=5",
+        f"data.path={tmp_path}",
+        check=False,
+        timeout=60,
+    )
     assert out.returncode == 2
     assert "n_heads=3 does not divide model.d_model=256" in out.stderr
     assert "unknown key train.max_step (did you mean 'max_steps'?)" in out.stderr
@@ -72,7 +118,16 @@ def test_bad_config_refused_before_any_work(tmp_path):
 
 
 def test_prepare_refuses_to_overwrite(byte_data):
-    out = dsfm("prepare", "--input", "stdlib", "--out", str(byte_data), "--tokenizer", "byte",
-               check=False, timeout=60)
+    out = dsfm(
+        "prepare",
+        "--input",
+        "stdlib",
+        "--out",
+        str(byte_data),
+        "--tokenizer",
+        "byte",
+        check=False,
+        timeout=60,
+    )
     assert out.returncode == 2 and "already exists" in out.stderr
     assert (byte_data / "meta.json").is_file()

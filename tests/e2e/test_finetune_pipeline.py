@@ -102,12 +102,13 @@ def test_lora_sft_trains_adapters_and_learns(pipeline):
 
 
 def test_merge_export_matches_transformers_and_generates(pipeline):
-    from dsfm import checkpoint, engine
-    from dsfm.config import from_dict
-    from dsfm.generate import sample
-    from dsfm.lora import apply_lora
+    from dsfm.config.load import from_dict
+    from dsfm.data.tokenizer import Tokenizer
+    from dsfm.eval.generate import sample
+    from dsfm.interop.weights import load_into, load_model
     from dsfm.model.gpt import GPT
-    from dsfm.tokenizer import Tokenizer
+    from dsfm.model.lora import apply_lora
+    from dsfm.train import checkpoint, engine
 
     root, sft = pipeline["root"], pipeline["sft"]
     dsfm("merge", str(sft), "--out", str(root / "merged"))
@@ -122,7 +123,7 @@ def test_merge_export_matches_transformers_and_generates(pipeline):
     )
     raw = engine.consolidated_state_dict(sft / "checkpoints", "final", 2)
     assert any(k.endswith("lora_B") for k in raw)
-    checkpoint.load_into(lora_model, raw, sft)
+    load_into(lora_model, raw, sft)
     lora_model.eval()
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(root / "hf", dtype=torch.float32).eval()
@@ -135,7 +136,7 @@ def test_merge_export_matches_transformers_and_generates(pipeline):
     text = "def f(x):\n    return x  # café, 東京 and tabs\t\tend"
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
 
-    merged, _ = checkpoint.load_model(root / "merged")
+    merged, _ = load_model(root / "merged")
     prompt = tok.encode("What is assert?")
     ours = sample(merged, prompt, max_new_tokens=12, temperature=0)
     theirs = hf.generate(
@@ -184,7 +185,8 @@ def test_eval_and_import_round_trip(pipeline):
 def test_full_finetune_from_imported_model_resumes_and_zero3_exports(pipeline):
     """Full fine-tuning (lora.rank=0) starting from `dsfm import` output, stopped and resumed;
     and an export straight from the ZeRO-3 pretraining shards matches in transformers."""
-    from dsfm import checkpoint
+    from dsfm.interop.weights import load_model
+    from dsfm.train import checkpoint
 
     root = pipeline["root"]
     imported = root / "imported"
@@ -219,7 +221,7 @@ def test_full_finetune_from_imported_model_resumes_and_zero3_exports(pipeline):
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         root / "hf_base", dtype=torch.float32
     ).eval()
-    ours, tok = checkpoint.load_model(pipeline["base"])
+    ours, tok = load_model(pipeline["base"])
     ids = torch.tensor([tok.encode("import os\nprint(os.getcwd())")])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)

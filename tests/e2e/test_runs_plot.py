@@ -61,7 +61,7 @@ def test_runs_lists_real_runs(runs_dir):
 def test_plot_writes_a_dashboard_of_real_runs(runs_dir, tmp_path):
     from matplotlib.image import imread
 
-    from dsfm.plot import DPI, FIGSIZE_IN
+    from dsfm.observe.plot import DPI, FIGSIZE_IN
 
     out = tmp_path / "dashboard.png"
     dsfm("plot", str(runs_dir / "base"), str(runs_dir / "group/longer"), "--out", str(out),

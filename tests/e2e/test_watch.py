@@ -9,12 +9,23 @@ import json
 
 import pytest
 
-from dsfm import checkpoint
+from dsfm.train import checkpoint
 from tests.conftest import TINY, dsfm, read_metrics
 
 SUMMARY_KEYS = {
-    "steps", "max_steps", "tokens", "elapsed_s", "tok_per_s", "best_val_loss", "best_val_step",
-    "final_loss", "mfu", "checkpoints", "warnings", "early_stopped", "stop_reason",
+    "steps",
+    "max_steps",
+    "tokens",
+    "elapsed_s",
+    "tok_per_s",
+    "best_val_loss",
+    "best_val_step",
+    "final_loss",
+    "mfu",
+    "checkpoints",
+    "warnings",
+    "early_stopped",
+    "stop_reason",
 }
 
 
@@ -27,8 +38,17 @@ def offline_wandb(tmp_path, monkeypatch):
 
 
 def train(data, run_dir, *overrides):
-    return dsfm("train", "--ds", "ds_configs/zero0.json", "--config", "configs/smoke.yaml",
-                f"data.path={data}", f"train.out_dir={run_dir}", *TINY, *overrides)
+    return dsfm(
+        "train",
+        "--ds",
+        "ds_configs/zero0.json",
+        "--config",
+        "configs/smoke.yaml",
+        f"data.path={data}",
+        f"train.out_dir={run_dir}",
+        *TINY,
+        *overrides,
+    )
 
 
 def test_all_sinks_warning_and_summary(byte_data, tmp_path, monkeypatch, offline_wandb):
@@ -36,8 +56,13 @@ def test_all_sinks_warning_and_summary(byte_data, tmp_path, monkeypatch, offline
 
     run = tmp_path / "run"
     monkeypatch.setenv("DSFM_FAULT", "spike_at=7")  # loss x50 at step 7: its grad norm explodes
-    out = train(byte_data, run, "train.max_steps=8", "eval.every=4",
-                "log.sinks=[console,csv,tensorboard,wandb]").stdout
+    out = train(
+        byte_data,
+        run,
+        "train.max_steps=8",
+        "eval.every=4",
+        "log.sinks=[console,csv,tensorboard,wandb]",
+    ).stdout
     rows = read_metrics(run)
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 9))
@@ -78,8 +103,13 @@ def test_all_sinks_warning_and_summary(byte_data, tmp_path, monkeypatch, offline
 def test_early_stop_saves_final_and_a_restart_does_not_train(byte_data, tmp_path):
     run = tmp_path / "run"
     # No eval after the first can beat it by 10 nats: the 3rd eval ends the run.
-    args = ["train.max_steps=8", "eval.every=1", "eval.patience=2", "eval.min_delta=10",
-            "log.sinks=[csv]"]
+    args = [
+        "train.max_steps=8",
+        "eval.every=1",
+        "eval.patience=2",
+        "eval.min_delta=10",
+        "log.sinks=[csv]",
+    ]
     out = train(byte_data, run, *args).stdout
     rows = read_metrics(run)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]

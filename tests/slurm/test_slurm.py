@@ -41,8 +41,9 @@ def slurm(tmp_path_factory):
     if reason:
         pytest.skip(f"real Slurm test skipped: {reason}")
     env = dict(os.environ, SLURM_CI_DIR=str(tmp_path_factory.mktemp("slurm-state")))
-    up = subprocess.run(["bash", str(SCRIPT), "up"], env=env, capture_output=True, text=True,
-                        timeout=600)
+    up = subprocess.run(
+        ["bash", str(SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=600
+    )
     try:
         if up.returncode != 0:
             pytest.skip(f"real Slurm test skipped: could not start Slurm:\n{up.stderr[-2000:]}")
@@ -68,12 +69,32 @@ def test_sbatch_job_trains_preempts_requeues_and_resumes(slurm, byte_data, tmp_p
     run_dir = tmp_path / "run"
     env = dict(job_env(), PYTHON=sys.executable)
     submit = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
-         "--cpus-per-task=1", "--time=15", f"--output={tmp_path}/batch-%j.out",
-         "slurm/pretrain.sbatch", "configs/smoke.yaml", "ds_configs/zero2.json", *TINY,
-         f"data.path={byte_data}", f"train.out_dir={run_dir}", f"train.max_steps={STEPS}",
-         "train.log_every=10", "eval.every=0", "checkpoint.every=50"],
-        cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=1",
+            "--ntasks-per-node=2",
+            "--gpus-per-node=0",
+            "--cpus-per-task=1",
+            "--time=15",
+            f"--output={tmp_path}/batch-%j.out",
+            "slurm/pretrain.sbatch",
+            "configs/smoke.yaml",
+            "ds_configs/zero2.json",
+            *TINY,
+            f"data.path={byte_data}",
+            f"train.out_dir={run_dir}",
+            f"train.max_steps={STEPS}",
+            "train.log_every=10",
+            "eval.every=0",
+            "checkpoint.every=50",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     job_id = submit.stdout.strip().split(";")[0]
     metrics = run_dir / "metrics.jsonl"
 
@@ -82,9 +103,17 @@ def test_sbatch_job_trains_preempts_requeues_and_resumes(slurm, byte_data, tmp_p
 
     wait_for(lambda: steps_done() >= 5, 240, "the first training steps", job_id)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
-    wait_for(lambda: job_id not in subprocess.run(["squeue", "-h", "-o", "%i"],
-                                                  capture_output=True, text=True).stdout,
-             420, "the job to finish after its requeue", job_id)
+    wait_for(
+        lambda: (
+            job_id
+            not in subprocess.run(
+                ["squeue", "-h", "-o", "%i"], capture_output=True, text=True
+            ).stdout
+        ),
+        420,
+        "the job to finish after its requeue",
+        job_id,
+    )
 
     state = job_state(job_id)
     batch_log = (tmp_path / f"batch-{job_id}.out").read_text()

@@ -1,36 +1,219 @@
-"""The architecture as drawn: deepspeed only in engine.py, no distributed code in the model."""
+"""The architecture as drawn in docs/architecture.md, enforced: who may import whom, who owns
+which file name, torch-free entry points, and a CLI that only maps verbs to functions."""
 
 from __future__ import annotations
 
+import argparse
 import ast
+import importlib
+import inspect
+import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "dsfm"
 
 
-def imported_modules(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in PKG.rglob("*.py")}
+
+
+def imports(path: Path, top_level_only: bool = False) -> set[str]:
+    """Every module `path` imports, also inside functions (`from a import b` is a.b when b is
+    a module, else a)."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    names: set[str] = set()
+    for node in nodes:
         if isinstance(node, ast.Import):
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
+            submodules = {f"{node.module}.{a.name}" for a in node.names} & MODULES.keys()
+            names |= submodules or {node.module}
     return names
 
 
-def test_only_engine_imports_deepspeed():
-    importers = {p.relative_to(PKG).as_posix() for p in PKG.rglob("*.py")
-                 if any(m.split(".")[0] == "deepspeed" for m in imported_modules(p))}
-    assert importers == {"engine.py"}
+def dsfm_imports(path: Path) -> set[str]:
+    return {m for m in imports(path) if m in MODULES and m != "dsfm"}
 
 
-def test_model_file_is_plain_torch():
-    mods = imported_modules(PKG / "model" / "gpt.py")
-    assert not any(m.startswith(("torch.distributed", "deepspeed", "dsfm.engine", "dsfm.trainer"))
-                   for m in mods), mods
+def under(module: str, *packages: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
 
 
-def test_config_does_not_import_torch():
-    # config is the bottom layer: loading and validating must not need torch or deepspeed
-    assert not any(m.split(".")[0] in ("torch", "deepspeed")
-                   for m in imported_modules(PKG / "config.py"))
+def test_no_import_cycles():
+    graph = {m: dsfm_imports(p) - {m} for m, p in MODULES.items()}
+    done: set[str] = set()
+
+    def visit(m: str, path: list[str]) -> None:
+        if m in path:
+            pytest.fail("import cycle: " + " -> ".join([*path[path.index(m) :], m]))
+        if m in done:
+            return
+        for dep in sorted(graph[m]):
+            visit(dep, [*path, m])
+        done.add(m)
+
+    for m in sorted(graph):
+        visit(m, [])
+
+
+# package -> the dsfm modules it may import besides its own
+ALLOWED = {
+    "dsfm.model": [],
+    "dsfm.data": ["dsfm.atomic"],
+    "dsfm.distributed": [],
+    "dsfm.testing": [],
+    # the formats a config names (datasets, checkpoints), read in the resolve step
+    "dsfm.config": ["dsfm.model.config", "dsfm.data.format", "dsfm.data.tokenizer"]
+    + ["dsfm.train.checkpoint"],
+    "dsfm.observe": ["dsfm.config.schema", "dsfm.config.deepspeed", "dsfm.gpus"]
+    + ["dsfm.model.config", "dsfm.model.sizes", "dsfm.train.checkpoint"],
+    # training's outputs are read through their formats, and ZeRO weights through the engine
+    "dsfm.eval": ["dsfm.data", "dsfm.model", "dsfm.distributed", "dsfm.interop"]
+    + ["dsfm.train.checkpoint"],
+    "dsfm.interop": ["dsfm.atomic", "dsfm.config", "dsfm.data.tokenizer", "dsfm.model"]
+    + ["dsfm.train.checkpoint", "dsfm.train.engine"],
+}
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_packages_import_only_what_their_layer_allows(package):
+    bad = {
+        (m, dep)
+        for m, path in MODULES.items()
+        if under(m, package)
+        for dep in dsfm_imports(path)
+        if not under(dep, package, *ALLOWED[package])
+    }
+    assert not bad, sorted(bad)
+
+
+def test_only_the_engine_imports_deepspeed():
+    importers = {
+        m for m, p in MODULES.items() if any(i.split(".")[0] == "deepspeed" for i in imports(p))
+    }
+    assert importers == {"dsfm.train.engine"}
+
+
+def test_model_holds_no_distributed_code():
+    for m, p in MODULES.items():
+        if under(m, "dsfm.model"):
+            assert not any(i.startswith("torch.distributed") for i in imports(p)), m
+
+
+def test_nothing_inside_imports_the_cli():
+    assert not [m for m, p in MODULES.items() if "dsfm.cli" in dsfm_imports(p)]
+
+
+TORCH_FREE = [
+    "dsfm.cli",
+    "dsfm.plan",
+    "dsfm.config.resolve",
+    "dsfm.config.reference",
+    "dsfm.observe.runs",
+    "dsfm.observe.summary",
+    "dsfm.observe.monitor",
+    "dsfm.train.checkpoint",
+    "dsfm.distributed.slurm",
+]
+
+
+def test_light_entry_points_import_no_torch():
+    """`dsfm plan`, `dsfm runs`, config checks and Slurm dry runs start in a blink."""
+    code = "import importlib, sys\n"
+    code += "".join(f"importlib.import_module({m!r})\n" for m in TORCH_FREE)
+    code += "print(sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# file name -> the modules that may spell it (everyone else uses their constants/functions)
+OWNERS = {
+    "meta.json": {"dsfm.data.format"},
+    "tokenizer.json": {"dsfm.data.tokenizer"},
+    "dsfm_state.json": {"dsfm.train.checkpoint"},
+    "manifest.json": {"dsfm.train.checkpoint"},
+    "rng_rank": {"dsfm.train.checkpoint"},
+    "metrics.jsonl": {"dsfm.observe.rundir"},
+    "samples.jsonl": {"dsfm.observe.rundir"},
+    "summary.json": {"dsfm.observe.rundir"},
+    "config.yaml": {"dsfm.observe.rundir"},
+    "ds_config.json": {"dsfm.observe.rundir"},
+    "metrics.csv": {"dsfm.observe.rundir"},
+    "model.safetensors": {"dsfm.interop.weights", "dsfm.interop.hf"},  # plain; HF's own
+    "config.json": {"dsfm.interop.hf"},  # Hugging Face's
+}
+# plain words: owned where they name a path (`run / "checkpoints"`)
+PATH_WORDS = {"checkpoints": {"dsfm.observe.rundir"}, "latest": {"dsfm.train.checkpoint"}}
+
+
+def strings(path: Path) -> tuple[list[str], list[str]]:
+    """(string literals, f-string parts included, but not docstrings or field docs; the
+    literals joined to a path with `/`)."""
+    tree = ast.parse(path.read_text())
+    docs = {
+        id(node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+    }
+    literals = [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs
+    ]
+    joined = [
+        node.right.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.BinOp)
+        and isinstance(node.op, ast.Div)
+        and isinstance(node.right, ast.Constant)
+        and isinstance(node.right.value, str)
+    ]
+    return literals, joined
+
+
+def test_only_format_owners_spell_their_file_names():
+    spelled = set()
+    for m, path in MODULES.items():
+        literals, joined = strings(path)
+        for name, owners in OWNERS.items():
+            pattern = re.compile(rf"(?<![\w.]){re.escape(name)}")
+            if m not in owners and any(pattern.search(text) for text in literals):
+                spelled.add((name, m))
+        spelled |= {(w, m) for w, owners in PATH_WORDS.items() if w in joined and m not in owners}
+    assert not spelled, sorted(spelled)
+
+
+def test_cli_only_maps_verbs_to_functions():
+    from dsfm import cli
+
+    tree = ast.parse(Path(cli.__file__).read_text())
+    functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert functions == {"main", "build_parser", "add_train_args", "_verb"}
+    assert imports(Path(cli.__file__), top_level_only=True) <= {
+        "__future__",
+        "argparse",
+        "importlib",
+        "sys",
+    }
+    # Every verb's function takes exactly the verb's arguments, by name.
+    parser = cli.build_parser()
+    for verb, (module, function) in cli.VERBS.items():
+        p = parser
+        for word in verb.split():
+            p = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices[
+                word
+            ]
+        args = {a.dest for a in p._actions} - {"help", "local_rank"}
+        params = set(
+            inspect.signature(getattr(importlib.import_module(module), function)).parameters
+        )
+        assert args == params, (verb, args ^ params)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from dsfm.cli import main
-from dsfm.config import load_config
-from dsfm.ds_config import read_ds_config
+from dsfm.config.deepspeed import read_ds_config
+from dsfm.config.load import load_config
 from dsfm.model.gpt import GPT
 from dsfm.model.ops.linear_cross_entropy import default_chunk_size
 from dsfm.plan import GIB, VARIANTS, Hardware, activation_bytes, gib, make_plan
@@ -27,7 +27,7 @@ def hardware(n_gpus: int = 1, memory_gib: float = 80, peak: float | None = 989e1
 
 def plan_for(overrides: list[str], hw: Hardware, **kwargs) -> tuple[dict, torch.nn.Module]:
     """The plan for d12.yaml + overrides, and the model it describes built on the meta device."""
-    cfg = load_config(D12, ["model.vocab_size=32000", *overrides], check_data=False)
+    cfg = load_config(D12, ["model.vocab_size=32000", *overrides])
     with torch.device("meta"):  # counts without allocating 135M-1.4B weights
         model = GPT(cfg.model)
     return make_plan(cfg, RECIPES, "bf16", hw, **kwargs), model
@@ -96,7 +96,7 @@ def test_activation_estimate_matches_saved_tensors(precision, checkpointing):
     overrides = ["model.kernels=torch", "model.vocab_size=257", "model.preset=d2"]
     overrides += ["model.n_heads=4", "model.n_kv_heads=2", "train.seq_len=32"]
     overrides.append(f"model.activation_checkpointing={str(checkpointing).lower()}")
-    cfg = load_config(None, overrides, check_data=False).model
+    cfg = load_config(None, overrides).model
     torch.manual_seed(0)
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     model = GPT(cfg).to(dtype).train()

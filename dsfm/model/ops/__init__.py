@@ -13,7 +13,7 @@ Design choices:
 - Triton is optional: this package imports without it, and the kernels import it lazily.
 """
 
-from dsfm.model.ops.backend import IMPLS, KERNELS, resolve, triton_available
+from dsfm.model.ops.backend import IMPLS, resolve, triton_available
 from dsfm.model.ops.linear_cross_entropy import linear_cross_entropy
 from dsfm.model.ops.rmsnorm import rms_norm
 from dsfm.model.ops.rope import apply_rope
@@ -21,7 +21,6 @@ from dsfm.model.ops.swiglu import swiglu
 
 __all__ = [
     "IMPLS",
-    "KERNELS",
     "apply_rope",
     "linear_cross_entropy",
     "resolve",

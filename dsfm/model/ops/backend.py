@@ -12,7 +12,8 @@ import os
 
 import torch
 
-KERNELS = ("auto", "triton", "torch")
+from dsfm.model.config import KERNELS
+
 IMPLS = ("torch", "triton")
 
 

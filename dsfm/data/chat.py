@@ -1,0 +1,200 @@
+"""The chat template of instruction data and its loss mask (`dsfm prepare --chat`, generation).
+
+Design choices:
+- Template "dsfm-v1". Each message renders as `ROLE + "\\n" + content + END + "\\n"` and a
+  conversation ends with EOT:
+
+      <|system|>\\nBe brief.<|end|>\\n<|user|>\\nHi<|end|>\\n<|assistant|>\\nHello!<|end|>\\n
+      <|endoftext|>
+
+  (one string, wrapped here). A generation prompt is the history followed by
+  `<|assistant|>\\n` (`render_prompt`); sampling stops at END.
+- The loss mask is 1 on the tokens the model must learn to produce: assistant content and
+  the END that closes it. Everything else is 0: role tokens, the "\\n" after them, system
+  and user content, the "\\n" after END, and the final EOT. Generation stops at END, so
+  what follows it (the "\\n", the next role token, EOT) is template written by whoever
+  drives the conversation, never something the model has to choose.
+- `mask[t]` marks token `t` as a target. With the usual shift (`labels[t] = tokens[t+1]`)
+  position `t` is trained when `mask[t+1]` is 1; `dataset.masked_labels` does that shift.
+- Ids are built per segment: role tokens and END by id, text through `Tokenizer.encode`,
+  which never produces a special id (a user who types "<|assistant|>" gets its bytes). So
+  the mask boundary falls exactly between segments with no offset mapping, and user text
+  cannot forge a turn. The price is that BPE cannot merge across a segment boundary
+  (template "\\n" + content that starts with "\\n"); training and `render_prompt` segment
+  identically, so the model sees one consistent tokenization.
+- Chat tokens are special tokens appended after the existing vocabulary, so every
+  pretrained id keeps its meaning; the model grows to match with
+  `lora.resize_token_embeddings(model, meta["vocab_size"])`.
+- A chat dataset is the pretraining format plus `{split}.mask`, one uint8 per token
+  (`format.py`); `prepare.prepare_chat` writes it, rendering each conversation here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import tokenizers
+
+from dsfm.data.tokenizer import Tokenizer
+
+SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+CHAT_TOKENS = (SYSTEM, USER, ASSISTANT, END)
+ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+CHAT_TEMPLATE = "dsfm-v1"
+
+
+# ---------------------------------------------------------------------------------------
+# Tokens
+
+
+def add_chat_tokens(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of `tokenizer` with the chat tokens as special tokens, appended after its ids.
+
+    Idempotent: tokens already present as special tokens keep their ids. The input
+    tokenizer is left untouched.
+    """
+    hf = tokenizers.Tokenizer.from_str(tokenizer.hf_tokenizer.to_str())
+    special = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
+    for token in CHAT_TOKENS:
+        if hf.token_to_id(token) is not None and token not in special:
+            # Marking an ordinary vocabulary entry special would change what old ids mean.
+            raise ValueError(
+                f"{token!r} is an ordinary token of this tokenizer, not a special one; "
+                f"the chat template needs it reserved, so use a tokenizer without it"
+            )
+    missing = [t for t in CHAT_TOKENS if t not in special]
+    n_before = hf.get_vocab_size(with_added_tokens=True)
+    hf.add_special_tokens(missing)
+    ids = [hf.token_to_id(t) for t in missing]
+    if ids != list(range(n_before, n_before + len(missing))):
+        raise ValueError(
+            f"chat tokens got ids {ids}, not the next free ids from {n_before}: the tokenizer's "
+            f"vocabulary has gaps, so the model's embedding could not simply grow to fit"
+        )
+    return Tokenizer(hf)
+
+
+def chat_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """Id of each chat token; an error if `add_chat_tokens` has not been applied."""
+    ids = {t: tokenizer.hf_tokenizer.token_to_id(t) for t in CHAT_TOKENS}
+    missing = [t for t, i in ids.items() if i is None]
+    if missing:
+        raise ValueError(f"tokenizer has no {missing} tokens; pass it through add_chat_tokens")
+    return ids
+
+
+@dataclass(frozen=True)
+class Template:
+    """The fixed ids of the template for one tokenizer."""
+
+    role_ids: dict[str, int]
+    end_id: int
+    newline: list[int]
+    eot_id: int
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer) -> Template:
+        ids = chat_token_ids(tokenizer)
+        role_ids = {role: ids[token] for role, token in ROLE_TOKENS.items()}
+        return cls(role_ids, ids[END], tokenizer.encode("\n"), tokenizer.eot_id)
+
+
+# ---------------------------------------------------------------------------------------
+# Conversations
+
+
+def check_messages(messages: object, *, require_assistant: bool = True) -> list[dict]:
+    """Validate a message list; return it. Errors say which message is wrong and how."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list of {role, content} objects")
+    for i, message in enumerate(messages, start=1):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {i} is a {type(message).__name__}, not an object")
+        for key in ("role", "content"):
+            if key not in message:
+                raise ValueError(f"message {i} has no {key!r} key (found {sorted(message)})")
+        if message["role"] not in ROLE_TOKENS:
+            raise ValueError(
+                f"message {i} has unknown role {message['role']!r}; "
+                f"valid roles: {', '.join(sorted(ROLE_TOKENS))}"
+            )
+        content = message["content"]
+        if not isinstance(content, str):
+            raise ValueError(f"message {i}'s content is a {type(content).__name__}, not a string")
+    if require_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("conversation has no assistant turn, so nothing to learn from it")
+    return messages
+
+
+def parse_record(record: object) -> list[dict]:
+    """Messages of one JSONL record: `{"messages": [...]}` or `{"prompt", "response"}`."""
+    if not isinstance(record, dict):
+        raise ValueError(f"record is a {type(record).__name__}, not a JSON object")
+    has_pair = "prompt" in record or "response" in record
+    if "messages" in record:
+        if has_pair:
+            raise ValueError("record has both 'messages' and 'prompt'/'response'; use one form")
+        return check_messages(record["messages"])
+    if has_pair:
+        for key in ("prompt", "response"):
+            if key not in record:
+                raise ValueError(f"record has no {key!r} key (found {sorted(record)})")
+            if not isinstance(record[key], str):
+                raise ValueError(f"{key!r} is a {type(record[key]).__name__}, not a string")
+        messages = [
+            {"role": "user", "content": record["prompt"]},
+            {"role": "assistant", "content": record["response"]},
+        ]
+        return check_messages(messages)
+    raise ValueError(
+        f"record has neither 'messages' nor 'prompt'/'response' (found {sorted(record)})"
+    )
+
+
+def assemble(
+    roles: Sequence[str], contents: Sequence[list[int]], template: Template
+) -> tuple[list[int], list[int]]:
+    """Token ids and loss mask from each message's role and encoded content."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for role, content in zip(roles, contents, strict=True):
+        learn = int(role == "assistant")
+        header = [template.role_ids[role], *template.newline]
+        ids += header + content + [template.end_id] + template.newline
+        mask += [0] * len(header) + [learn] * (len(content) + 1) + [0] * len(template.newline)
+    ids.append(template.eot_id)
+    mask.append(0)
+    return ids, mask
+
+
+def render(messages: Sequence[dict], tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation (EOT-terminated) and its 0/1 loss mask, same length."""
+    check_messages(messages)
+    contents = tokenizer.encode_batch([m["content"] for m in messages])
+    return assemble([m["role"] for m in messages], contents, Template.of(tokenizer))
+
+
+def prompt_ids(tokenizer: Tokenizer, text: str, *, chat: bool) -> tuple[list[int], int]:
+    """(prompt ids, stop id) for sampling: a user turn of a chat model, stopping at END, or
+    plain text continued until EOT."""
+    if chat:
+        return render_prompt([{"role": "user", "content": text}], tokenizer), Template.of(
+            tokenizer
+        ).end_id
+    return tokenizer.encode(text) or [tokenizer.eot_id], tokenizer.eot_id
+
+
+def render_prompt(messages: Sequence[dict], tokenizer: Tokenizer) -> list[int]:
+    """Ids to generate the next assistant turn from: the history, then `<|assistant|>\\n`.
+
+    Sample until END; the reply is the tokens before it.
+    """
+    template = Template.of(tokenizer)
+    ids: list[int] = []
+    if messages:
+        check_messages(list(messages), require_assistant=False)
+        contents = tokenizer.encode_batch([m["content"] for m in messages])
+        ids, _ = assemble([m["role"] for m in messages], contents, template)
+        ids.pop()  # the conversation goes on, so no EOT
+    return ids + [template.role_ids["assistant"], *template.newline]

@@ -1,0 +1,229 @@
+"""A prepared dataset on disk: the one module that names its files and reads `meta.json`.
+
+    DIR/
+      meta.json          format version, vocabulary, dtype, per split its token and document
+                         counts and shards (name, counts, sha256), the tokenizer's sha256,
+                         the sources read (path, bytes, sha256); chat data: loss-mask facts
+      tokenizer.json     the tokenizer that produced the ids (`dsfm.data.tokenizer`)
+      {split}.bin        token ids back to back, uint16 below 65,536 ids, else uint32
+      {split}.idx        int64 start offset of every document, n_docs + 1 entries
+      {split}.mask       chat data: one uint8 per token, 1 where the loss counts
+      {split}-00000.bin  ... shards of a split cut with --shard-size, in meta.json's order
+
+Design choices:
+- `read_meta` checks the files against `meta.json` (every shard's size, the tokenizer's
+  hash, the masks) before anything trusts them, so a truncated or mixed copy fails at
+  start-up naming the file, instead of mid-run. `read_meta_file` only parses, for readers
+  that need a few facts of a directory that may not hold its tokens (`dsfm plan`, the
+  config's resolve step).
+- One format version; a dataset of another version is refused with the fix.
+- Hashes: sha256 of each file, streamed. The dataset's identity for resume checks
+  (`fingerprint`) is its counts and sources plus its tokenizer's hash: cheap, and
+  independent of where the files live.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dsfm.data.tokenizer import Tokenizer, tokenizer_file
+
+FORMAT_VERSION = 2
+META_FILE = "meta.json"
+SPLITS = ("train", "val")
+MASK_DTYPE = np.dtype(np.uint8)
+OFFSET_DTYPE = np.dtype(np.int64)
+PREPARE_HINT = "run `dsfm prepare` to (re)create it"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 for vocabularies under 65536 ids (half the disk and page cache), else uint32."""
+    return np.dtype(np.uint16 if vocab_size < 1 << 16 else np.uint32)
+
+
+def bin_path(data_dir: Path, shard: str) -> Path:
+    return Path(data_dir) / f"{shard}.bin"
+
+
+def idx_path(data_dir: Path, shard: str) -> Path:
+    return Path(data_dir) / f"{shard}.idx"
+
+
+def mask_path(data_dir: Path, shard: str) -> Path:
+    return Path(data_dir) / f"{shard}.mask"
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}"
+
+
+def shards(meta: dict[str, Any], split: str) -> list[dict[str, Any]]:
+    """The split's shards in order: `{"name", "tokens", "docs", "sha256"}`."""
+    return meta["splits"][split]["shards"]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenizer_digest(data_dir: str | Path) -> str:
+    """sha256 of the directory's tokenizer file."""
+    return file_sha256(tokenizer_file(Path(data_dir)))
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+
+
+def read_meta_file(data_dir: str | Path) -> dict[str, Any]:
+    """`meta.json` parsed, files unchecked; FileNotFoundError/ValueError naming the fix."""
+    data_dir = Path(data_dir)
+    meta_path = data_dir / META_FILE
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data directory {data_dir} does not exist; {PREPARE_HINT}")
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"{meta_path} is missing, so {data_dir} is not a prepared dataset; {PREPARE_HINT}"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+        int(meta["vocab_size"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{meta_path} is unreadable or incomplete ({e!r}); {PREPARE_HINT}") from e
+    return meta
+
+
+def read_meta(data_dir: str | Path) -> dict[str, Any]:
+    """`meta.json`, after checking every file it describes is there with its size, the
+    tokenizer is the one that made the ids, and chat data has its masks."""
+    data_dir = Path(data_dir)
+    meta = read_meta_file(data_dir)
+    meta_path = data_dir / META_FILE
+    try:
+        version = meta["format_version"]
+        dtype = np.dtype(meta["dtype"])
+        splits = {split: shards(meta, split) for split in meta["splits"]}
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{meta_path} is unreadable or incomplete ({e!r}); {PREPARE_HINT}") from e
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{meta_path} has format_version {version}, this dsfm reads {FORMAT_VERSION}; "
+            f"{PREPARE_HINT} with this version"
+        )
+    for split_shards in splits.values():
+        for shard in split_shards:
+            sizes = [
+                (bin_path(data_dir, shard["name"]), shard["tokens"] * dtype.itemsize),
+                (idx_path(data_dir, shard["name"]), (shard["docs"] + 1) * OFFSET_DTYPE.itemsize),
+            ]
+            if meta.get("loss_mask"):  # instruction data: the loss counts on marked tokens only
+                sizes.append((mask_path(data_dir, shard["name"]), shard["tokens"]))
+            for path, expected in sizes:
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path} is missing; {PREPARE_HINT}")
+                if path.stat().st_size != expected:
+                    raise ValueError(
+                        f"{path} is {path.stat().st_size} bytes but {meta_path} implies "
+                        f"{expected}; the dataset is truncated or mixed from different runs, "
+                        f"{PREPARE_HINT}"
+                    )
+    _check_tokenizer(data_dir, meta)
+    return meta
+
+
+def _check_tokenizer(data_dir: Path, meta: dict[str, Any]) -> None:
+    """The tokenizer beside the tokens must be the one that made them."""
+    path = tokenizer_file(data_dir)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing; the token ids cannot be decoded, {PREPARE_HINT}"
+        )
+    digest, expected = tokenizer_digest(data_dir), meta["tokenizer_sha256"]
+    if digest != expected:
+        raise ValueError(
+            f"{path} is not the tokenizer that produced {data_dir} (sha256 {digest[:12]}… vs "
+            f"{expected[:12]}… in {META_FILE}); copy back the original {path.name} or "
+            f"{PREPARE_HINT}"
+        )
+
+
+def open_tokens(data_dir: Path, meta: dict[str, Any], shard: dict[str, Any]) -> np.memmap:
+    """A shard's token ids, memory-mapped read-only (no copy, shared by every process)."""
+    return np.memmap(
+        bin_path(data_dir, shard["name"]),
+        dtype=np.dtype(meta["dtype"]),
+        mode="r",
+        shape=(shard["tokens"],),
+    )
+
+
+def open_mask(data_dir: Path, shard: dict[str, Any]) -> np.memmap:
+    """A chat shard's loss mask, memory-mapped read-only."""
+    path = mask_path(data_dir, shard["name"])
+    return np.memmap(path, dtype=MASK_DTYPE, mode="r", shape=(shard["tokens"],))
+
+
+def read_offsets(data_dir: Path, shard: dict[str, Any]) -> np.ndarray:
+    """A shard's document start offsets (n_docs + 1, the last one its token count)."""
+    return np.fromfile(idx_path(data_dir, shard["name"]), dtype=OFFSET_DTYPE)
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+
+
+def write_meta(
+    data_dir: Path,
+    tokenizer: Tokenizer,
+    splits: dict[str, Any],
+    sources: list[dict[str, Any]],
+    **extra: Any,
+) -> dict[str, Any]:
+    """Save the tokenizer and `meta.json` (the fields every dataset has, plus `extra`)."""
+    tokenizer.save(data_dir)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        "tokenizer": tokenizer_file(data_dir).name,
+        "tokenizer_sha256": tokenizer_digest(data_dir),
+        "splits": splits,
+        "sources": sources,
+        **extra,
+    }
+    (data_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def is_dataset_dir(path: Path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+# ---------------------------------------------------------------------------------------
+# Identity
+
+
+def fingerprint(sources: list[tuple[str, str, float]]) -> dict[str, str]:
+    """Short hashes of the tokenizer and of every dataset's counts and sources (and the blend
+    weights); `sources` is `DataConfig.sources()`. All sources share one tokenizer (the
+    config's resolve step makes sure), so the first one's stands for all."""
+    identities = []
+    for name, data_path, weight in sources:
+        meta = read_meta_file(data_path)
+        identity = {k: meta.get(k) for k in ("splits", "sources", "vocab_size")}
+        identities.append(identity if len(sources) == 1 else [name, weight, identity])
+    dataset = identities[0] if len(sources) == 1 else identities
+    return {
+        "tokenizer": tokenizer_digest(sources[0][1])[:16],
+        "dataset": hashlib.sha256(json.dumps(dataset, sort_keys=True).encode()).hexdigest()[:16],
+    }

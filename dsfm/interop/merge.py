@@ -1,0 +1,31 @@
+"""`dsfm merge`: fold a LoRA run's adapters into its base weights, as a plain checkpoint.
+
+The merged checkpoint has the base model's tensor names and a config with `lora.rank: 0`,
+so export, eval, generate and `train.init_from` read it as any other model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dsfm.atomic import refuse_existing
+from dsfm.interop.weights import load_weights, save_plain
+from dsfm.train import checkpoint
+
+
+def merge(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
+    """Write the merged plain checkpoint of `checkpoint_path` (a run, checkpoints dir or tag)."""
+    refuse_existing(Path(out_dir))  # before the (possibly long) weight consolidation
+    ckpt_dir, tag = checkpoint.resolve(checkpoint_path)
+    state = checkpoint.client_state(ckpt_dir, tag)
+    weights = load_weights(ckpt_dir, tag, state)  # LoRA folded in
+    config = state["config"]
+    config["lora"] = {**config["lora"], "rank": 0}
+    plain = {"config": config, "step": state["step"], "merged_from": str(ckpt_dir / tag)}
+    return save_plain(out_dir, weights, plain, ckpt_dir / tag)
+
+
+def merge_command(checkpoint_path: str, out: str) -> int:
+    path = merge(checkpoint_path, out)
+    print(f"wrote {path} (plain checkpoint, LoRA merged) from {checkpoint_path}")
+    return 0

@@ -1,0 +1,88 @@
+"""What a run trains: the model (fresh, or `train.init_from`'s weights, with LoRA) and its data.
+
+Design choices:
+- Every rank builds the same model from the same seed (`seed_everything` before building).
+- With `train.init_from` the model starts from the source checkpoint's weights (any ZeRO
+  stage's tag, or a plain checkpoint); when fine-tuning data added tokens (chat), the
+  embedding and LM head grow to the data's vocabulary with mean rows.
+- `data.path` is one dataset; `data.mix` a blend, shuffled per source for training, and
+  for validation each source's first samples (the same every eval).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from dsfm.config.schema import Config
+from dsfm.data.blend import BlendedDataset, open_split
+from dsfm.data.dataset import TokenDataset
+from dsfm.interop.weights import load_into, load_weights
+from dsfm.model.gpt import GPT
+from dsfm.model.lora import apply_lora, resize_token_embeddings
+from dsfm.train import checkpoint
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: Config) -> GPT:
+    """A fresh model, or train.init_from's weights with grown embeddings; LoRA if asked."""
+    src_vocab = cfg.model.vocab_size
+    if cfg.train.init_from is None:
+        model = GPT(cfg.model)
+    else:
+        ckpt_dir, tag = checkpoint.resolve(cfg.train.init_from)
+        state = checkpoint.client_state(ckpt_dir, tag)
+        src_vocab = state["config"]["model"]["vocab_size"]
+        model = GPT(dataclasses.replace(cfg.model, vocab_size=src_vocab))
+        load_into(model, load_weights(ckpt_dir, tag, state), ckpt_dir / tag)
+        if cfg.model.vocab_size > src_vocab:
+            resize_token_embeddings(model, cfg.model.vocab_size)
+    if cfg.lora.rank > 0:
+        apply_lora(
+            model,
+            rank=cfg.lora.rank,
+            alpha=cfg.lora.alpha,
+            dropout=cfg.lora.dropout,
+            targets=cfg.lora.targets,
+        )
+        if model.cfg.vocab_size > src_vocab:
+            # New tokens (chat) start as identical mean rows; frozen they could never be told
+            # apart or produced, so embedding and head train in full (peft's modules_to_save).
+            model.embed_tokens.weight.requires_grad_(True)
+            model.lm_head.weight.requires_grad_(True)
+    return model
+
+
+def open_data(
+    cfg: Config, split: str, warn: Callable[[str], None] | None = None
+) -> TokenDataset | BlendedDataset:
+    """`data.path`'s split, or the blend of `data.mix`'s (shuffled per source for training;
+    validation takes each source's first samples, the same every eval)."""
+    if not cfg.data.mix:
+        return TokenDataset(cfg.data.path, split, cfg.train.seq_len)
+    seed = cfg.train.seed if split == "train" else None
+    return open_split(cfg.data.sources(), split, cfg.train.seq_len, seed, warn)
+
+
+def open_val(
+    cfg: Config, world: int, warn: Callable[[str], None]
+) -> TokenDataset | BlendedDataset | None:
+    """The val split, or None (after `warn`ing why) when there is none to validate on."""
+    try:
+        data = open_data(cfg, "val", warn=warn)
+    except ValueError as e:
+        warn(f"no validation ({e})")
+        return None
+    if len(data) < world:
+        warn(f"validation split has {len(data)} samples for {world} ranks; skipping validation")
+        return None
+    return data

@@ -1,0 +1,153 @@
+"""Saving and loading the whole training state through the DeepSpeed engine, and when to save.
+
+The tag layout and its publishing protocol are `checkpoint.py`'s; this module drives them
+with the engine on every rank: ZeRO shards are written by their owners, so every rank
+calls `save` and `load`, and the collectives that make a save atomic live here.
+
+Design choices:
+- A failed write on any rank (disk full, quota, I/O error) is agreed through one all-reduce,
+  so every rank raises the same `CheckpointError` naming the intact previous checkpoint,
+  and nothing is published.
+- The whole training state is the engine's (weights, ZeRO optimizer shards, LR schedule),
+  each rank's RNG states, and the trainer's client state (`dsfm_state.json`): loading
+  them all is an exact resume.
+- A tag written by a different number of ranks is re-sharded through DeepSpeed's universal
+  format (ZeRO-1/2/3); the tag itself is never modified.
+- `due(step)` decides when a step tag is saved, so the training loop only asks.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dsfm.config.schema import CheckpointConfig
+from dsfm.data.tokenizer import copy_tokenizer
+from dsfm.distributed.collectives import any_rank, barrier
+from dsfm.distributed.env import is_rank0, print0, rank, world_size
+from dsfm.testing import faults
+from dsfm.train import checkpoint
+from dsfm.train import engine as ds_engine
+from dsfm.train.checkpoint import CheckpointError
+
+
+class Checkpointer:
+    """Every rank's handle on `ckpt_dir` for one engine."""
+
+    def __init__(self, engine: Any, ckpt_dir: Path, cfg: CheckpointConfig, tokenizer: Path):
+        self.engine, self.ckpt_dir, self.cfg, self.tokenizer = engine, ckpt_dir, cfg, tokenizer
+
+    def due(self, step: int, end: int) -> bool:
+        """Whether step `step` saves a step tag: every `checkpoint.every` steps and at the end
+        of this invocation (`end`: train.stop_at or max_steps; max_steps itself saves `final`)."""
+        return step == end or bool(self.cfg.every and step % self.cfg.every == 0)
+
+    def save(self, tag: str, state: dict[str, Any], update_latest: bool = True) -> None:
+        """Write and publish `tag` on every rank, then keep the newest `keep_last` step tags."""
+        self._write(tag, state, update_latest)
+        barrier()
+        if is_rank0():
+            checkpoint.prune(self.ckpt_dir, self.cfg.keep_last)
+        barrier()
+
+    def _write(self, tag: str, state: dict[str, Any], update_latest: bool) -> None:
+        step, this_rank = state["step"], rank()
+        partial = checkpoint.partial_name(tag)
+        tmp_dir = self.ckpt_dir / partial
+        if is_rank0():
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            tmp_dir.mkdir(parents=True)
+        barrier()
+        error: OSError | None = None
+        try:
+            if is_rank0():
+                checkpoint.write_client_state(tmp_dir, state)
+                copy_tokenizer(self.tokenizer, tmp_dir)
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=partial, save_latest=False)
+            faults.maybe_enospc(step, this_rank)
+            torch.save(rng_state(), checkpoint.rng_file(tmp_dir, this_rank))
+        except OSError as e:  # disk full, quota, I/O error: ours to report, not to hide
+            error = e
+        if any_rank(error is not None):
+            if is_rank0():
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+            previous = checkpoint.latest_tag(self.ckpt_dir)
+            reason = f"{error}" if error is not None else "another rank failed to write its files"
+            raise CheckpointError(
+                f"saving checkpoint {self.ckpt_dir / tag} failed on rank {this_rank}: {reason}. "
+                f"Nothing was published; the previous checkpoint ({previous or 'none'}) is "
+                "intact. Free disk space (or point train.out_dir elsewhere) and run again to "
+                "resume."
+            )
+        faults.maybe_kill(step, this_rank, "save_shards")
+        if is_rank0():
+            checkpoint.write_manifest(tmp_dir)
+            checkpoint.publish(self.ckpt_dir, partial, tag)
+            faults.maybe_kill(step, this_rank, "save_publish")
+            if update_latest:
+                checkpoint.write_latest(self.ckpt_dir, tag)
+        barrier()
+        faults.maybe_kill(step, this_rank, "save_done")
+
+    def load(self, tag: str) -> dict[str, Any]:
+        """Load `tag` into the engine and this rank's RNG; return its client state."""
+        state = checkpoint.client_state(self.ckpt_dir, tag)
+        if state["world_size"] != world_size() and self.engine.zero_optimization_stage() > 0:
+            self._load_resharded(tag, state["world_size"])
+        else:
+            path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+            if path is None:
+                raise RuntimeError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / tag}")
+        rng = checkpoint.rng_file(self.ckpt_dir / tag, rank())
+        if rng.is_file():  # absent when resuming on more ranks than saved
+            set_rng_state(torch.load(rng, weights_only=False))
+        return state
+
+    def _load_resharded(self, tag: str, saved_world: int) -> None:
+        """ZeRO-1/2/3 cut the optimizer state (and ZeRO-3 the weights) into one flat piece per
+        rank, so the pieces of W ranks do not fit W' ranks. Rank 0 converts the tag to
+        DeepSpeed's universal format (per-parameter files), every rank loads its new piece
+        from that, and the conversion is deleted. ZeRO-0 state is not sharded."""
+        universal = checkpoint.universal_name(tag)
+        print0(
+            f"checkpoint {tag} was written by {saved_world} rank(s), this run has "
+            f"{world_size()}: re-sharding through DeepSpeed's universal checkpoint format"
+        )
+        if is_rank0():
+            partial = self.ckpt_dir / checkpoint.partial_name(universal)
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.rmtree(self.ckpt_dir / universal, ignore_errors=True)
+            ds_engine.to_universal(self.ckpt_dir / tag, partial)
+            os.rename(partial, self.ckpt_dir / universal)
+            # DeepSpeed's converter leaves its own `latest` pointer; not ours to keep.
+            (self.ckpt_dir / checkpoint.CONVERTER_LATEST).unlink(missing_ok=True)
+        barrier()
+        ds_engine.load_universal(self.engine, self.ckpt_dir, universal)
+        barrier()
+        if is_rank0():
+            shutil.rmtree(self.ckpt_dir / universal, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

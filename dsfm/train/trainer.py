@@ -1,0 +1,464 @@
+"""The training loop: build the parts, then step, validate, checkpoint and log until done.
+
+`launchers/pretrain.py` under `deepspeed`, `dsfm train` and `dsfm finetune` all call `run()`.
+This module only orchestrates; each part owns its decisions: the configs are resolved by
+`dsfm.config.resolve`, the model and data built by `build.py`, the engine is `engine.py`'s,
+`Checkpointer.due` and `Validator.due` say when to save and when to validate, `LossGuard`
+which steps are bad and when a rollback is due, `EarlyStopping` when to stop, `StopSignal`
+and `Watchdog` how a run stops otherwise, and `RunLogger` where the rows go.
+
+One step (`train_step`): the next global batch's slice for this rank, forward and backward
+per micro-batch, and one all-reduce of the loss before the last backward, which also
+carries every rank's stop request (a signal seen by one rank stops all of them) and lets
+every rank judge the step alike: a bad step back-propagates a NaN loss and DeepSpeed's own
+overflow path discards the update on every rank (`guard.py`).
+
+Exact resume: the whole training state is the engine's (weights, ZeRO optimizer shards, LR
+schedule), the sampler's `consumed_samples`, per-rank RNG states and the counters of the
+client state. Validation and sampling never touch the global RNG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsfm.config.deepspeed import precision, zero_stage
+from dsfm.config.load import find_recipe, load_config, to_dict
+from dsfm.config.resolve import resolve_configs
+from dsfm.config.schema import Config
+from dsfm.data.blend import BlendedDataset
+from dsfm.data.format import fingerprint
+from dsfm.data.sampler import Sampler
+from dsfm.data.tokenizer import Tokenizer, copy_tokenizer, tokenizer_file
+from dsfm.distributed.collectives import barrier, mean_and_any
+from dsfm.distributed.env import describe, ensure_env, is_rank0, print0, rank, world_size
+from dsfm.gpus import peak_flops
+from dsfm.observe import rundir
+from dsfm.observe.metrics import RunLogger, mfu
+from dsfm.observe.monitor import EarlyStopping
+from dsfm.observe.numbers import finite_or_none
+from dsfm.testing import faults
+from dsfm.train import build, checkpoint
+from dsfm.train import engine as ds_engine
+from dsfm.train.checkpoint import CheckpointError
+from dsfm.train.checkpointer import Checkpointer
+from dsfm.train.guard import LossGuard
+from dsfm.train.stop import EXIT_REQUEUE, StopSignal, Watchdog
+from dsfm.train.validation import Validator
+
+
+@dataclass
+class Counters:
+    """The trainer's own state beside the engine's and the sampler's (in the client state)."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed_s: float = 0.0  # in train steps only (not eval or saving)
+    best_val_loss: float = math.inf
+    lr_scale: float = 1.0  # product of the rollbacks' train.rollback_lr_scale
+    rollbacks: int = 0
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Counters:
+        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclass
+class StepResult:
+    row: dict[str, Any]  # the metrics row
+    event: str | None  # "nonfinite", "spike", "nonfinite_grad" or None
+    stop: bool  # some rank was asked to stop (all ranks agree)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ds: dict[str, Any]):
+        self.cfg, self.ds = cfg, ds
+        t = cfg.train
+        self.rank, self.world = rank(), world_size()
+        self.run_dir = Path(t.out_dir)
+        self.ckpt_dir = rundir.checkpoints_dir(self.run_dir)
+        self.device = ds_engine.device()
+        self.global_batch = t.micro_batch_size * t.grad_accum * self.world
+
+        self.train_data = build.open_data(cfg, "train")
+        val_data = build.open_val(cfg, self.world, warn=lambda m: print0(f"warning: {m}"))
+        self.tokenizer_path = tokenizer_file(cfg.data.sources()[0][1])
+        self.tokenizer = Tokenizer.load(self.tokenizer_path)
+        self.data_fingerprint = fingerprint(cfg.data.sources())
+        resume_tag = self._resumable_tag()
+
+        build.seed_everything(t.seed)  # same init on every rank
+        model = build.build_model(cfg)
+        self.flops_per_token = model.flops_per_token(t.seq_len)
+        self.n_params = model.num_params()
+        self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.engine = ds_engine.initialize(model, ds, cfg.optim.weight_decay, compile=t.compile)
+        # DeepSpeed's WarmupCosineLR gives the first two updates lr=0; start one step in so
+        # update k (0-based) uses lr*(k+1)/warmup and the last update lands on min_lr_ratio.
+        self.engine.lr_scheduler.step(1)
+        self.base_lrs = ds_engine.base_lrs(self.engine)
+        build.seed_everything(t.seed + 1000 * self.rank)  # dropout streams differ per rank
+
+        # A blend orders its own samples (per-source shuffles); the sampler only counts.
+        self.sampler = Sampler(
+            len(self.train_data),
+            self.global_batch,
+            self.rank,
+            self.world,
+            seed=t.seed,
+            shuffle=not isinstance(self.train_data, BlendedDataset),
+        )
+        self.checkpointer = Checkpointer(
+            self.engine, self.ckpt_dir, cfg.checkpoint, self.tokenizer_path
+        )
+        self.validator = Validator(
+            cfg.eval,
+            val_data,
+            self.tokenizer,
+            chat="chat_template" in self.train_data.meta,
+            micro_batch_size=t.micro_batch_size,
+            rank=self.rank,
+            world=self.world,
+            device=self.device,
+            seed=t.seed,
+        )
+        self.counters = Counters()
+        self.early = EarlyStopping(cfg.eval.patience, cfg.eval.min_delta)
+        self.guard = LossGuard(t.spike_sigma, t.spike_skip, max_bad_steps=t.max_bad_steps)
+        self.peak = (
+            peak_flops(torch.cuda.get_device_name(self.device))
+            if self.device.type == "cuda"
+            else None
+        )
+        self.watchdog: Watchdog | None = None
+
+        if is_rank0():
+            rundir.write_configs(self.run_dir, to_dict(cfg), ds)
+            copy_tokenizer(self.tokenizer_path, self.run_dir)
+        barrier()
+        if resume_tag is not None:
+            self._resume(resume_tag)
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict[str, Any]:
+        t = self.cfg.train
+        log = self._open_log()
+        end = min(t.max_steps, t.stop_at or t.max_steps)
+        stop = StopSignal()
+        self.watchdog = Watchdog(t.watchdog_s, self.rank)
+        last_row: dict[str, Any] = {}
+        try:
+            while self.counters.step < end and not self.early.stopped:
+                result = self.train_step(stop.received)
+                if result.event is not None:
+                    log.log(self._event_row(result))
+                if self.guard.rollback_due and not result.stop:
+                    log.log(result.row)
+                    self._rollback(log)
+                    continue
+                step, last = self.counters.step, self.counters.step == t.max_steps
+                if self.validator.due(step, last):
+                    result.row.update(self._validate(log))
+                    self._judge(result.row["val_loss"])
+                log.log(result.row)
+                last_row = result.row
+                if self.early.stopped:
+                    self._stop_early(log)
+                    break
+                if result.stop and not last:
+                    return self._preempt(log, stop)
+                if not last and self.checkpointer.due(step, end):
+                    self._save(checkpoint.step_tag(step))
+            self._finish(log, trained=bool(last_row))
+        finally:
+            self.watchdog.stop()
+            stop.restore()
+            log.close()
+        return {
+            "step": self.counters.step,
+            "tokens": self.counters.tokens,
+            "best_val_loss": self.counters.best_val_loss,
+            **{k: last_row.get(k) for k in ("loss", "val_loss")},
+        }
+
+    def train_step(self, stop_requested: bool = False) -> StepResult:
+        t = self.cfg.train
+        start = time.perf_counter()
+        step = self.counters.step + 1
+        self._beat("step")
+        faults.maybe_hang(step, self.rank)
+        lr = self.engine.get_lr()[0]  # the LR this update will use
+        indices = self.sampler.next_indices()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for k in range(t.grad_accum):
+            x, y = self.train_data.inputs_and_labels(
+                indices[k * t.micro_batch_size : (k + 1) * t.micro_batch_size]
+            )
+            loss = self.engine(x.to(self.device), labels=y.to(self.device))
+            if (factor := faults.loss_factor(step, self.rank)) != 1.0:
+                loss = loss * factor
+            loss_sum += loss.detach().double()
+            if k == t.grad_accum - 1:
+                # Decide before the last backward, from the all-reduced loss, so every rank
+                # agrees; a skip poisons the last gradient and DeepSpeed's overflow path
+                # discards the whole update (see guard.py).
+                loss_mean, stop = mean_and_any(loss_sum / t.grad_accum, stop_requested)
+                verdict = self.guard.judge(loss_mean)
+                if verdict.skip and math.isfinite(loss_mean):
+                    loss = loss * math.nan
+            self.engine.backward(loss)
+            if k == 0:
+                faults.maybe_kill(step, self.rank, "step")
+            stage0_norm = None
+            if k == t.grad_accum - 1:
+                stage0_norm = ds_engine.grad_norm_before_step(self.engine)
+            ds_engine.step(self.engine, stage0_norm)
+        # fp16 loss-scale overflows are DeepSpeed's routine, not bad steps
+        applied = self.engine.was_step_applied() or precision(self.ds) == "fp16"
+        event = verdict.event or (None if applied else "nonfinite_grad")
+        skipped = verdict.skip or not applied
+        self.guard.record(step, loss_mean, not skipped, spike=verdict.event == "spike")
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = stage0_norm if grad_norm is None else grad_norm
+        c = self.counters
+        c.step += 1
+        c.tokens += self.global_batch * t.seq_len
+        dt = time.perf_counter() - start
+        c.elapsed_s += dt
+        tok_per_s = self.global_batch * t.seq_len / dt
+        row = {
+            "step": c.step,
+            "tokens": c.tokens,
+            "loss": loss_mean,
+            "lr": lr,
+            "grad_norm": finite_or_none(float(grad_norm)) if grad_norm is not None else None,
+            "tok_per_s": tok_per_s,
+            "mfu": mfu(tok_per_s, self.flops_per_token, self.world, self.peak),
+            "elapsed_s": c.elapsed_s,
+            **self._epoch_fields(),
+            "skipped": skipped,
+        }
+        return StepResult(row, event, stop)
+
+    # ------------------------------------------------------------------ what the loop calls
+
+    def _open_log(self) -> RunLogger:
+        t = self.cfg.train
+        log = RunLogger(
+            self.run_dir,
+            is_rank0(),
+            t.max_steps,
+            self.counters.step,
+            log_cfg=self.cfg.log,
+            log_every=t.log_every,
+            warmup_steps=self.cfg.schedule.warmup_steps,
+            config=to_dict(self.cfg),
+        )
+        if self.early.stopped:
+            log.print(
+                f"run already complete: it stopped early at step {self.counters.step} "
+                f"({self.early.reason}); pass eval.patience=0 to train on anyway"
+            )
+        elif self.counters.step >= t.max_steps:
+            log.print(
+                f"run already complete at step {self.counters.step} "
+                "(raise train.max_steps to go on)"
+            )
+        log.info(
+            f"model {self.n_params / 1e6:.2f}M params ({self.n_trainable / 1e6:.2f}M trained) | "
+            f"{self.world} rank(s) on {self.device.type} | ZeRO-{zero_stage(self.ds)} "
+            f"{precision(self.ds)} | global batch {self.global_batch} x {t.seq_len} tokens"
+        )
+        return log
+
+    def _event_row(self, result: StepResult) -> dict[str, Any]:
+        return {
+            "step": self.counters.step,
+            "event": result.event,
+            "value": result.row["loss"],
+            "skipped": result.row["skipped"],
+            "bad_streak": self.guard.bad_streak,
+        }
+
+    def _validate(self, log: RunLogger) -> dict[str, Any]:
+        """Val metrics for the row; the samples go to samples.jsonl."""
+        self._beat("eval")
+        self.engine.eval()
+        metrics = self.validator.loss(self.engine)
+        for row in self.validator.samples(self.engine.module, self.counters.step):
+            log.sample(row)
+        self.engine.train()
+        return metrics
+
+    def _judge(self, val_loss: float) -> None:
+        """Early stopping counts the eval; a new best val loss is saved as `best`."""
+        self.early.update(val_loss, self.counters.step)
+        if val_loss < self.counters.best_val_loss:
+            self.counters.best_val_loss = val_loss
+            if self.cfg.checkpoint.save_best:
+                self._save("best", update_latest=False)
+
+    def _rollback(self, log: RunLogger) -> None:
+        """After max_bad_steps skipped steps in a row: back to the newest checkpoint from
+        before the streak, keeping the data position so the offending batches are not seen
+        again (and lowering the LR if train.rollback_lr_scale < 1)."""
+        first_bad, from_step = self.guard.streak_start, self.counters.step
+        tag = checkpoint.resumable_tag(self.ckpt_dir, before_step=first_bad)
+        if tag is None:
+            raise RuntimeError(
+                f"{self.guard.bad_streak} consecutive bad steps ({from_step - first_bad + 1} "
+                f"since step {first_bad}) and no checkpoint from before step {first_bad} to "
+                "roll back to; lower optim.lr, check the data, or save more often "
+                "(checkpoint.every)"
+            )
+        consumed = self.sampler.consumed_samples
+        self._load(tag)
+        self.sampler.load_state_dict({"consumed_samples": consumed})
+        c = self.counters
+        c.lr_scale *= self.cfg.train.rollback_lr_scale
+        c.rollbacks += 1
+        ds_engine.set_lr_scale(self.engine, self.base_lrs, c.lr_scale)
+        self.guard.end_streak()
+        log.log(
+            {
+                "step": c.step,
+                "event": "rollback",
+                "from_step": from_step,
+                "to_tag": tag,
+                "consumed_samples": consumed,
+                "lr_scale": c.lr_scale,
+            }
+        )
+        log.print(
+            f"rollback: {self.cfg.train.max_bad_steps} bad steps in a row at step {from_step}; "
+            f"restored {tag}, continuing past the bad data with lr x{c.lr_scale:g}"
+        )
+
+    def _stop_early(self, log: RunLogger) -> None:
+        """Every rank got here at the same eval (the val loss is all-reduced)."""
+        self._save("final")  # `best` already holds the best weights
+        log.log({"step": self.counters.step, "event": "early_stop", "reason": self.early.reason})
+        log.print(f"early stop at step {self.counters.step}: {self.early.reason}; saved `final`")
+
+    def _preempt(self, log: RunLogger, stop: StopSignal) -> dict[str, Any]:
+        step = self.counters.step
+        self._save(checkpoint.step_tag(step))
+        log.print(
+            f"stop signal: saved step {step}, exiting with status {EXIT_REQUEUE} "
+            "(run again to continue)"
+        )
+        log.log({"step": step, "event": "preempted"})
+        log.finish("preempted", checkpoint.published_tags(self.ckpt_dir))
+        # No rank leaves before rank 0 has logged; from here a signal (srun ending the
+        # others once one task exits) finds the work saved.
+        barrier()
+        stop.saved = True
+        return {"step": step, "tokens": self.counters.tokens, "preempted": True}
+
+    def _finish(self, log: RunLogger, trained: bool) -> None:
+        t = self.cfg.train
+        if trained and self.counters.step == t.max_steps and not self.early.stopped:
+            self._save("final")
+        done = "max_steps" if self.counters.step >= t.max_steps else "stop_at"
+        reason = "early_stop" if self.early.stopped else done
+        log.finish(reason, checkpoint.published_tags(self.ckpt_dir), self.early.reason)
+
+    # ------------------------------------------------------------------ state
+
+    def client_state(self) -> dict[str, Any]:
+        return {
+            **dataclasses.asdict(self.counters),
+            "sampler": self.sampler.state_dict(),
+            "config": to_dict(self.cfg),
+            "ds_config": self.ds,
+            "n_params": self.n_params,
+            "versions": ds_engine.versions(),
+            "world_size": self.world,
+            "data_fingerprint": self.data_fingerprint,
+            "bad_steps": self.guard.total_bad,
+            "early_stopping": self.early.state_dict(),
+        }
+
+    def _resumable_tag(self) -> str | None:
+        """The tag to resume from, checked against the config before anything is built."""
+        if is_rank0():  # what a killed save left behind, before anyone reads the dir
+            checkpoint.clean_stale(self.ckpt_dir)
+        barrier()
+        tag = checkpoint.resumable_tag(self.ckpt_dir)
+        if tag is not None:  # a mismatched checkpoint is refused before building anything
+            saved = checkpoint.client_state(self.ckpt_dir, tag)
+            checkpoint.check_resume_compatible(
+                saved, self.cfg, self.ckpt_dir / tag, self.data_fingerprint
+            )
+        return tag
+
+    def _resume(self, tag: str) -> None:
+        state = self._load(tag)
+        self.sampler.load_state_dict(state["sampler"])
+        self.guard.total_bad = state["bad_steps"]
+        print0(f"resumed from {self.ckpt_dir / tag} at step {self.counters.step}")
+
+    def _load(self, tag: str) -> dict[str, Any]:
+        """Engine state and counters of `tag` (the sampler is the caller's choice)."""
+        state = self.checkpointer.load(tag)
+        self.counters = Counters.from_state(state)
+        self.early.load_state_dict(state["early_stopping"])
+        ds_engine.set_lr_scale(self.engine, self.base_lrs, self.counters.lr_scale)
+        return state
+
+    def _save(self, tag: str, update_latest: bool = True) -> None:
+        self._beat(f"save {tag}")
+        self.checkpointer.save(tag, self.client_state(), update_latest)
+
+    def _epoch_fields(self) -> dict[str, Any]:
+        """`epoch` (whole epochs begun) for one dataset; fractional `epochs` per blend source."""
+        if isinstance(self.train_data, BlendedDataset):
+            return {"epochs": self.train_data.epochs(self.sampler.consumed_samples)}
+        return {"epoch": self.sampler.epoch}
+
+    def _beat(self, phase: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat(self.counters.step, phase)
+
+
+# ---------------------------------------------------------------------- entry points
+
+
+def run(config_path: str | None, ds_path: str, overrides: list[str]) -> dict[str, Any]:
+    """Resolve both configs (every problem at once), then train. Returns the final summary
+    (on every rank)."""
+    launch = ensure_env()
+    cfg, ds = resolve_configs(
+        config_path, ds_path, overrides, world_size(), ds_engine.accelerator_name()
+    )
+    print0(describe(launch))
+    # The watchdog names the stuck rank; the backend timeout, later, is the backstop.
+    ds_engine.init_distributed(2 * cfg.train.watchdog_s)
+    return Trainer(cfg, ds).fit()
+
+
+def train_command(config: str | None, ds: str, overrides: list[str]) -> int:
+    try:
+        summary = run(find_recipe(config) if config else None, find_recipe(ds), overrides)
+    except CheckpointError as e:  # e.g. disk full: the message says what is intact and what to do
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return EXIT_REQUEUE if summary.get("preempted") else 0
+
+
+def finetune_command(config: str | None, ds: str, overrides: list[str]) -> int:
+    if not load_config(find_recipe(config) if config else None, overrides).train.init_from:
+        raise ValueError(
+            "finetune needs train.init_from=RUN_OR_CHECKPOINT (the model to start "
+            "from: a pretraining run, a tag, or a `dsfm import` output)"
+        )
+    return train_command(config, ds, overrides)

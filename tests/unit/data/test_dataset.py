@@ -1,0 +1,94 @@
+"""TokenDataset: packed windows over a real prepared split, and clear errors on bad data."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dsfm.data.dataset import TokenDataset
+from dsfm.data.format import read_meta
+from dsfm.data.prepare import prepare
+
+TEXT = "".join(f"line {i}: the quick brown fox 🦊\n" for i in range(40))
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    (tmp_path / "doc.txt").write_text(TEXT)
+    out = tmp_path / "data"
+    prepare([str(tmp_path / "doc.txt")], out, tokenizer="byte", val_fraction=0, progress=False)
+    return out
+
+
+def stream() -> np.ndarray:
+    """What the byte tokenizer writes for TEXT: its UTF-8 bytes, then EOT (256)."""
+    return np.array([*TEXT.encode("utf-8"), 256], dtype=np.int64)
+
+
+@pytest.mark.parametrize("seq_len", [1, 7, 64, 333])
+def test_samples_are_packed_windows(data_dir, seq_len):
+    ds = TokenDataset(data_dir, "train", seq_len)
+    tokens = stream()
+    assert ds.n_tokens == len(tokens)
+    assert len(ds) == (len(tokens) - 1) // seq_len
+    assert (ds.vocab_size, ds.eot_id) == (257, 256)
+    for i in [0, 1, len(ds) - 1]:
+        sample = ds[i]
+        assert sample.dtype == np.int64 and sample.shape == (seq_len + 1,)
+        np.testing.assert_array_equal(sample, tokens[i * seq_len : i * seq_len + seq_len + 1])
+    # Consecutive samples overlap by exactly one token: each target is also the next input.
+    if len(ds) > 1:
+        assert ds[0][-1] == ds[1][0]
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_batch_stacks_samples(data_dir):
+    ds = TokenDataset(data_dir, "train", 16)
+    batch = ds.batch([3, 0, 3, len(ds) - 1])
+    assert batch.dtype == torch.long and batch.shape == (4, 17)
+    for row, i in zip(batch, [3, 0, 3, len(ds) - 1], strict=True):
+        np.testing.assert_array_equal(row.numpy(), ds[i])
+
+
+def test_short_split_is_a_clear_error(data_dir):
+    n = len(stream())
+    TokenDataset(data_dir, "train", n - 1)  # exactly one sample fits
+    with pytest.raises(ValueError, match=rf"has {n} tokens.*needs {n + 1}"):
+        TokenDataset(data_dir, "train", n)
+    with pytest.raises(ValueError, match="has 0 tokens"):
+        TokenDataset(data_dir, "val", 8)
+    with pytest.raises(ValueError, match="no 'test' split"):
+        TokenDataset(data_dir, "test", 8)
+
+
+def test_pickles_without_copying_tokens(data_dir):
+    ds = TokenDataset(data_dir, "train", 8)
+    assert len(pickle.dumps(ds)) < ds.n_tokens  # the memmap is reopened, not serialized
+    clone = pickle.loads(pickle.dumps(ds))
+    np.testing.assert_array_equal(clone[5], ds[5])
+
+
+def test_read_meta_errors_name_the_file(tmp_path, data_dir):
+    assert read_meta(data_dir)["splits"]["train"]["tokens"] == len(stream())
+    with pytest.raises(FileNotFoundError, match="dsfm prepare"):
+        read_meta(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"meta\.json.*dsfm prepare"):
+        read_meta(tmp_path)
+    bin_path = data_dir / "train.bin"
+    bin_path.write_bytes(bin_path.read_bytes()[:-2])
+    with pytest.raises(ValueError, match=rf"{bin_path}.*dsfm prepare"):
+        read_meta(data_dir)
+
+
+def test_read_meta_rejects_unknown_format(data_dir):
+    meta = json.loads((data_dir / "meta.json").read_text())
+    meta["format_version"] = 99
+    (data_dir / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="format_version 99"):
+        read_meta(data_dir)

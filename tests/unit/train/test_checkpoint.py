@@ -1,0 +1,133 @@
+"""Checkpoint bookkeeping that needs no engine: pruning, locating tags, client state, groups."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dsfm.model.config import ModelConfig
+from dsfm.model.gpt import GPT
+from dsfm.train import checkpoint
+from dsfm.train.engine import param_groups
+
+
+def make_tag(ckpt_dir, tag, state=None):
+    (ckpt_dir / tag).mkdir(parents=True)
+    (ckpt_dir / tag / checkpoint.STATE_FILE).write_text(json.dumps(state or {"step": 0}))
+    checkpoint.write_manifest(ckpt_dir / tag)
+
+
+def test_prune_keeps_last_k_and_protected_tags(tmp_path):
+    for step in (100, 200, 300, 400):
+        make_tag(tmp_path, checkpoint.step_tag(step))
+    make_tag(tmp_path, "best")
+    make_tag(tmp_path, "final")
+    (tmp_path / "latest").write_text(checkpoint.step_tag(100))  # e.g. a rolled-back latest
+    deleted = checkpoint.prune(tmp_path, keep_last=2)
+    assert deleted == [checkpoint.step_tag(200)]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        "best",
+        "final",
+        "step_00000100",
+        "step_00000300",
+        "step_00000400",
+    ]
+
+
+def test_resolve_run_dir_checkpoints_dir_and_tag(tmp_path):
+    ckpts = tmp_path / "run" / "checkpoints"
+    make_tag(ckpts, "step_00000010")
+    (ckpts / "latest").write_text("step_00000010")
+    for path in (tmp_path / "run", ckpts, ckpts / "step_00000010"):
+        assert checkpoint.resolve(path) == (ckpts, "step_00000010")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        checkpoint.resolve(tmp_path / "nope")
+    (ckpts / "latest").write_text("step_00000099")  # points at a tag that never completed
+    assert checkpoint.resolve(tmp_path / "run") == (ckpts, "step_00000010")  # falls back
+    (ckpts / "step_00000010" / checkpoint.STATE_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        checkpoint.resolve(tmp_path / "run")
+
+
+def test_client_state_errors_are_clear(tmp_path):
+    (tmp_path / "t").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a complete dsfm checkpoint"):
+        checkpoint.client_state(tmp_path, "t")
+    (tmp_path / "t" / checkpoint.STATE_FILE).write_text("{truncated")
+    with pytest.raises(ValueError, match="is corrupt"):
+        checkpoint.client_state(tmp_path, "t")
+
+
+def test_weight_decay_only_on_matrices():
+    model = GPT(ModelConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=2, max_seq_len=16))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(
+        p.dim() == 1 for p in no_decay["params"]
+    )
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)].rsplit(".", 1)[0].split(".")[-1] for p in no_decay["params"]} == {
+        "input_layernorm",
+        "post_attention_layernorm",
+        "norm",
+    }
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def publish_tag(ckpt_dir, tag, step=0, latest=True):
+    """What Checkpointer.save does on rank 0 once every rank has written its files."""
+    partial = checkpoint.PARTIAL + tag
+    make_tag(ckpt_dir, partial, {"step": step})
+    (ckpt_dir / partial / "shard.pt").write_bytes(b"x" * 100)
+    checkpoint.write_manifest(ckpt_dir / partial)
+    checkpoint.publish(ckpt_dir, partial, tag)
+    if latest:
+        checkpoint.write_latest(ckpt_dir, tag)
+
+
+def test_truncated_or_unpublished_newest_tag_falls_back_with_a_warning(tmp_path, capsys):
+    publish_tag(tmp_path, checkpoint.step_tag(2), 2)
+    publish_tag(tmp_path, checkpoint.step_tag(4), 4)
+    assert checkpoint.resumable_tag(tmp_path) == "step_00000004"
+    shard = tmp_path / "step_00000004" / "shard.pt"
+    shard.write_bytes(b"x" * 10)  # truncated, as by a full disk or a kill during a copy
+    assert checkpoint.resumable_tag(tmp_path) == "step_00000002"
+    assert "skipping checkpoint" in capsys.readouterr().out
+    assert checkpoint.resolve(tmp_path) == (tmp_path, "step_00000002")  # generate/eval/export
+    shard.unlink()
+    assert "shard.pt is missing" in checkpoint.incomplete_reason(tmp_path, "step_00000004")
+    # `latest` lost (killed between publish and latest): the newest complete tag still counts
+    (tmp_path / "latest").unlink()
+    publish_tag(tmp_path, checkpoint.step_tag(6), 6, latest=False)
+    assert checkpoint.resumable_tag(tmp_path) == "step_00000006"
+    assert checkpoint.resumable_tag(tmp_path, before_step=6) == "step_00000002"  # a rollback
+
+
+def test_stale_partial_tags_are_cleaned_and_a_replaced_tag_restored(tmp_path):
+    publish_tag(tmp_path, checkpoint.step_tag(2), 2)
+    make_tag(tmp_path, checkpoint.PARTIAL + "step_00000004")  # killed mid-save
+    (tmp_path / ".latest.tmp-123").write_text("step_00000004")
+    make_tag(tmp_path, checkpoint.OLD + "final", {"step": 9})  # killed while replacing final
+    removed = checkpoint.clean_stale(tmp_path)
+    assert removed == [".latest.tmp-123", ".partial-step_00000004"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "latest", "step_00000002"]
+    assert checkpoint.client_state(tmp_path, "final") == {"step": 9}
+    assert checkpoint.latest_tag(tmp_path) == "step_00000002"
+
+
+def test_republishing_a_tag_replaces_it_whole(tmp_path):
+    publish_tag(tmp_path, "final", 5)
+    publish_tag(tmp_path, "final", 8)
+    assert checkpoint.client_state(tmp_path, "final") == {"step": 8}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "latest"]
+
+
+def test_prune_never_deletes_the_newest_complete_tag(tmp_path):
+    for step in (100, 200, 300):
+        publish_tag(tmp_path, checkpoint.step_tag(step), step)
+    (tmp_path / "step_00000300" / "shard.pt").write_bytes(b"")  # newest is broken
+    publish_tag(tmp_path, "final", 300, latest=False)
+    deleted = checkpoint.prune(tmp_path, keep_last=1)
+    assert deleted == ["step_00000100"]  # 200 survives: the newest *complete* step tag
+    assert checkpoint.resumable_tag(tmp_path) == "step_00000200"
