@@ -5,9 +5,10 @@ exist and agree. `resolve` reads each dataset's `meta.json` (`dsfm.data.format`)
 that a blend's sources share one tokenizer and kind of data, fills `model.vocab_size` from
 the data when it is 0, checks that the packages the chosen sinks and kernels need are
 installed, and with `train.init_from` adopts the source checkpoint's architecture
-(`dsfm.train.checkpoint` reads its client state). It returns a new config and changes
-nothing it was given. `resolve_configs` does both configs of a run (the training config and
-the DeepSpeed JSON) and reports every problem of either in one `ConfigError`.
+(`dsfm.train.checkpoint` reads its client state). Like `checks.check` it returns the
+problems rather than raising, with a new config; it changes nothing it was given.
+`load_resolved` loads and resolves a training config, and `resolve_configs` both configs of
+a run (with the DeepSpeed JSON), each reporting every problem in one `ConfigError`.
 """
 
 from __future__ import annotations
@@ -26,15 +27,6 @@ from dsfm.train import checkpoint
 
 # What a blend's sources must share: same token ids meaning the same thing, same loss kind.
 SHARED_META = ("vocab_size", "eot_id", "loss_mask", "chat_template")
-
-
-def resolve(cfg: Config, world_size: int = 1) -> Config:
-    """`cfg` with the data's vocabulary and `train.init_from`'s model; one ConfigError
-    naming every problem."""
-    resolved, problems = _resolve(cfg, world_size, adopt=True)
-    if problems:
-        raise ConfigError(problems)
-    return resolved
 
 
 def resolve_configs(
@@ -72,13 +64,15 @@ def load_resolved(
     cfg, problems = parse_config(config_path, overrides)
     problems += check(cfg, world_size)
     # train.init_from is adopted only into a config without problems of its own
-    cfg, more = _resolve(cfg, world_size, adopt=not problems)
+    cfg, more = resolve(cfg, world_size, adopt=not problems)
     if problems + more:
         raise ConfigError(problems + more)
     return cfg
 
 
-def _resolve(cfg: Config, world_size: int, adopt: bool) -> tuple[Config, list[str]]:
+def resolve(cfg: Config, world_size: int = 1, adopt: bool = True) -> tuple[Config, list[str]]:
+    """`cfg` with the data's vocabulary and (with `adopt`) `train.init_from`'s model, and
+    every problem found doing so; `cfg` itself is not changed."""
     p = _package_problems(cfg)
     data_vocab = _data_vocab(cfg, p)
     model = cfg.model
