@@ -32,9 +32,11 @@ def human(n: float | None) -> str:
 
 
 def duration(seconds: float | None) -> str:
-    """12.3 s, 5m03s, 2h05m, 3d04h."""
+    """< 1 s, 12.3 s, 5m03s, 2h05m, 3d04h."""
     if seconds is None:
         return "-"
+    if seconds < 1:
+        return "< 1 s"
     if seconds < 60:
         return f"{seconds:.1f} s"
     minutes, secs = divmod(round(seconds), 60)
