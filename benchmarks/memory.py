@@ -29,7 +29,6 @@ def try_preset(preset: str, args: argparse.Namespace, device: torch.device) -> d
             tp.read_ds_config(tp.ROOT / "ds_configs" / f"{ds_name}.json"),
             cfg,
             1,
-            tp.ds_engine.accelerator_name(),
         )
         engine = None
         try:

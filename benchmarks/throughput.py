@@ -136,7 +136,7 @@ def run_deepspeed(
 ) -> dict[str, Any]:
     """dsfm's path: fill_ds_config + engine.initialize, as the trainer does."""
     ds = read_ds_config(ROOT / "ds_configs" / f"zero{stage}.json")
-    ds = fill_ds_config(ds, cfg, world_size=1, accelerator=ds_engine.accelerator_name())
+    ds = fill_ds_config(ds, cfg, world_size=1)
     torch.manual_seed(0)
     engine = ds_engine.initialize(GPT(cfg.model), ds, cfg.optim.weight_decay, compile=compile)
     x, y = batch(cfg, device)

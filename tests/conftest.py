@@ -40,9 +40,17 @@ def job_env() -> dict[str, str]:
     return env
 
 
-def run_cmd(cmd: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+def run_cmd(
+    cmd: list[str], timeout: int = 600, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run `cmd` in the repository root with the job environment (plus `env`)."""
     proc = subprocess.run(
-        cmd, cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=timeout
+        cmd,
+        cwd=ROOT,
+        env={**job_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
         raise AssertionError(

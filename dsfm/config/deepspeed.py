@@ -40,13 +40,14 @@ def zero_stage(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
-def fill_ds_config(
-    ds: dict[str, Any], cfg: Config, world_size: int, accelerator: str = "cuda"
-) -> dict[str, Any]:
-    """Resolve every "auto" from the training config; refuse values that disagree with it.
+def offloads_optimizer(ds: dict[str, Any]) -> bool:
+    """Optimizer states in CPU memory (or NVMe): DeepSpeed's CPU Adam does the update."""
+    device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device not in (None, "none")
 
-    `accelerator` is DeepSpeed's device name ("cuda", "cpu"): it picks the optimizer kernel.
-    """
+
+def fill_ds_config(ds: dict[str, Any], cfg: Config, world_size: int) -> dict[str, Any]:
+    """Resolve every "auto" from the training config; refuse values that disagree with it."""
     ds = copy.deepcopy(ds)
     t, o, s = cfg.train, cfg.optim, cfg.schedule
     problems: list[str] = []
@@ -78,10 +79,12 @@ def fill_ds_config(
     ]:
         fill(params, key, value, f"optimizer.params.{key}")
     params.setdefault("adam_w_mode", True)
-    if accelerator == "cpu":
-        # DeepSpeed's FusedAdam would JIT-compile a CPU kernel (~80 s); torch's AdamW is the same
-        # algorithm. With optimizer offload DeepSpeed uses DeepSpeedCPUAdam regardless.
-        params.setdefault("torch_adam", True)
+    if not offloads_optimizer(ds) and params.setdefault("torch_adam", True):
+        # torch's AdamW, fused (one kernel per step, on CUDA and CPU alike), built by DeepSpeed
+        # from these params. Its own FusedAdam would JIT-compile a CUDA op with nvcc on first
+        # use: a pip-installed torch has no nvcc. Optimizer offload keeps DeepSpeedCPUAdam
+        # (C++ only), which DeepSpeed picks when torch_adam is unset.
+        params.setdefault("fused", True)
 
     sched = ds.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {}})
     if sched.get("type") != "WarmupCosineLR":

@@ -34,11 +34,9 @@ def resolve_configs(
     ds_path: str,
     overrides: list[str],
     world_size: int,
-    accelerator: str,
 ) -> tuple[Config, dict[str, Any]]:
     """Both configs of a run, loaded and resolved, or one ConfigError listing every problem
-    in either: the config's own, its data's and the DeepSpeed JSON's together.
-    `accelerator` is DeepSpeed's device name (`fill_ds_config`)."""
+    in either: the config's own, its data's and the DeepSpeed JSON's together."""
     problems: list[str] = []
     cfg = None
     try:
@@ -48,7 +46,7 @@ def resolve_configs(
     try:
         ds = read_ds_config(ds_path)
         if cfg is not None:
-            ds = fill_ds_config(ds, cfg, world_size, accelerator)
+            ds = fill_ds_config(ds, cfg, world_size)
     except ConfigError as e:
         problems += e.problems
     if problems:

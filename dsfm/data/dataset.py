@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dsfm.data.format import open_mask, open_tokens, read_meta, shards
+from dsfm.data.format import bin_path, open_mask, open_tokens, read_meta, shards
 
 
 class TokenDataset:
@@ -94,8 +94,19 @@ class TokenDataset:
         return self._gather(self._tokens, [int(i)])[0]
 
     def batch(self, indices: Sequence[int]) -> torch.LongTensor:
-        """Samples `indices` stacked, shape (B, seq_len + 1)."""
-        return torch.from_numpy(self._gather(self._tokens, indices))
+        """Samples `indices` stacked, shape (B, seq_len + 1); ids checked against the
+        vocabulary here, on the host, so the model never has to read them back from a GPU."""
+        tokens = self._gather(self._tokens, indices)
+        if tokens.size and (tokens.max() >= self.vocab_size or tokens.min() < 0):
+            bad = int(np.argmax((tokens >= self.vocab_size).any(1) | (tokens < 0).any(1)))
+            shard, start = (int(v[0]) for v in self._locate([indices[bad]]))
+            raise ValueError(
+                f"{bin_path(self.data_dir, self.shards[shard]['name'])}: a token id of sample "
+                f"{int(indices[bad])} (tokens {start}..{start + self.seq_len}) is not below the "
+                f"vocabulary size {self.vocab_size}; the file is damaged or was made with "
+                "another tokenizer: `dsfm data verify` locates every such id"
+            )
+        return torch.from_numpy(tokens)
 
     def inputs_and_labels(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs (B, seq_len) and next-token labels (B, seq_len); tokens outside the

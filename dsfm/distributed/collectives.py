@@ -41,11 +41,12 @@ def any_rank(flag: bool) -> bool:
     return all_reduce_sum(x).item() > 0
 
 
-def mean_and_any(value: torch.Tensor, flag: bool) -> tuple[float, bool]:
-    """`value` averaged over ranks and whether `flag` is true on any rank, in one all-reduce
-    (the trainer's per-step loss and stop request)."""
+def mean_and_any(value: torch.Tensor, flag: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`value` averaged over ranks and whether `flag` is set on any rank (> 0), in one
+    all-reduce and without a host read: both stay on the device (the trainer's per-step
+    loss and stop request)."""
     x = torch.stack(
         [value.double(), torch.tensor(float(flag), dtype=torch.float64, device=value.device)]
     )
     all_reduce_sum(x)
-    return x[0].item() / rank_and_world()[1], x[1].item() > 0
+    return x[0] / rank_and_world()[1], x[1] > 0

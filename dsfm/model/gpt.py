@@ -301,8 +301,10 @@ class GPT(nn.Module):
                 )
             if cache.batch_size != B:
                 raise ValueError(f"batch size {B} does not match the cache's {cache.batch_size}")
-        if torch.compiler.is_compiling() or input_ids.numel() == 0:
-            return  # the id check syncs with the device; a compiled graph would break there
+        if input_ids.device.type != "cpu" or input_ids.numel() == 0:
+            # On an accelerator the check would wait for the device on every forward; training
+            # data is checked on the host as it is read (`TokenDataset.batch`).
+            return
         lo, hi = torch.aminmax(input_ids)
         lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= self.cfg.vocab_size:

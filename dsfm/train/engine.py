@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import math
 import os
 import sys
 from pathlib import Path
@@ -93,8 +92,9 @@ def versions() -> dict[str, str]:
     }
 
 
-def grad_norm_before_step(engine: Any) -> float | None:
-    """Pre-clip global gradient norm for ZeRO-0, where DeepSpeed does not record it.
+def grad_norm_before_step(engine: Any) -> torch.Tensor | None:
+    """Pre-clip global gradient norm for ZeRO-0, where DeepSpeed does not record it, as a
+    device tensor (no host read).
 
     Call after the last micro-batch's backward (gradients are already averaged across
     ranks) and before `engine.step()`; ZeRO 1-3 report the same quantity themselves.
@@ -104,7 +104,7 @@ def grad_norm_before_step(engine: Any) -> float | None:
     norms = [
         p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None
     ]
-    return torch.stack(norms).norm().item() if norms else None
+    return torch.stack(norms).norm() if norms else None
 
 
 def base_lrs(engine: Any) -> list[float]:
@@ -123,30 +123,49 @@ def set_lr_scale(engine: Any, base: list[float], scale: float) -> None:
     sched.step(sched.last_batch_iteration)
 
 
-def step(engine: Any, grad_norm: float | None = None) -> None:
-    """`engine.step()`, except that ZeRO-0 in fp32 skips an update whose norm is not finite.
+def skips_on_device(engine: Any) -> bool:
+    """ZeRO-0 in fp32: DeepSpeed hands the update to torch's AdamW unchecked, so `step` skips
+    a non-finite one itself. Every other stage and precision discards it in DeepSpeed
+    (see guard.py)."""
+    return (
+        engine.zero_optimization_stage() == 0
+        and not engine.bfloat16_enabled()
+        and not engine.fp16_enabled()
+    )
 
-    Every other stage/precision already discards such an update (see dsfm/train/guard.py); torch's
-    AdamW under ZeRO-0 would apply it. For that case the optimizer's step becomes a no-op for
-    this one call (weights and moments untouched) and `optimizer.overflow` tells DeepSpeed's
-    engine, which reads it after the step, to count a skipped step and leave the LR schedule
-    where it was, exactly as it does for its own optimizers. `grad_norm` is the pre-step norm
-    (`grad_norm_before_step`) at the accumulation boundary, None elsewhere.
+
+def step(engine: Any, grad_norm: torch.Tensor | None = None) -> None:
+    """`engine.step()`; under ZeRO-0 in fp32 an update whose norm is not finite is skipped on
+    the device.
+
+    torch's fused AdamW takes `found_inf` (the tensor AMP's GradScaler sets): when it is 1 the
+    kernel leaves weights, moments and step count alone, with no host read. DeepSpeed does
+    not see that skip, so once the step's one host read shows it the trainer calls
+    `undo_schedule_step`. `grad_norm` is `grad_norm_before_step` at the accumulation
+    boundary, None elsewhere.
     """
-    own_check = engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled()
-    if grad_norm is None or own_check or engine.fp16_enabled():
+    if grad_norm is None or not skips_on_device(engine):
         engine.step()
         return
     opt = engine.optimizer
-    opt.overflow = not math.isfinite(grad_norm)  # set every step: the engine only checks hasattr
-    if not opt.overflow:
-        engine.step()
-        return
-    opt.step = lambda closure=None: None  # shadows the method for this call only
+    if not opt.defaults.get("fused"):
+        raise RuntimeError(
+            "ZeRO-0 in fp32 needs torch's fused AdamW to skip a non-finite update on the "
+            'device; remove "torch_adam"/"fused" overrides from the DeepSpeed config\'s optimizer'
+        )
+    opt.found_inf = (~torch.isfinite(grad_norm)).float()
     try:
         engine.step()
     finally:
-        del opt.step
+        del opt.found_inf
+
+
+def undo_schedule_step(engine: Any) -> None:
+    """After an update `step` skipped on the device: the LR schedule one step back and the
+    skip counted, as DeepSpeed does for the updates it skips itself."""
+    sched = engine.lr_scheduler
+    sched.step(sched.last_batch_iteration - 1)
+    engine.skipped_steps += 1
 
 
 def to_universal(tag_dir: Path, out_dir: Path) -> None:

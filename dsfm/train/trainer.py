@@ -191,12 +191,16 @@ class Trainer:
         }
 
     def train_step(self, stop_requested: bool = False) -> StepResult:
+        """One optimizer step. The device is read once, after the step's kernels are queued:
+        the decision to skip a bad step is taken on the device from the all-reduced loss
+        (every rank decides alike), and the loss, stop request, verdict and gradient norm
+        come back together in one transfer (`_read_once`)."""
         t = self.cfg.train
         start = time.perf_counter()
         step = self.counters.step + 1
         self._beat("step")
         faults.maybe_hang(step, self.rank)
-        lr = self.engine.get_lr()[0]  # the LR this update will use
+        lr = self.engine.get_lr()[0]  # the LR this update will use (a host number)
         indices = self.sampler.next_indices()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for k in range(t.grad_accum):
@@ -208,13 +212,11 @@ class Trainer:
                 loss = loss * factor
             loss_sum += loss.detach().double()
             if k == t.grad_accum - 1:
-                # Decide before the last backward, from the all-reduced loss, so every rank
-                # agrees; a skip poisons the last gradient and DeepSpeed's overflow path
-                # discards the whole update (see guard.py).
+                # Before the last backward: a skip poisons the last gradient and DeepSpeed's
+                # overflow path discards the whole update on every rank (see guard.py).
                 loss_mean, stop = mean_and_any(loss_sum / t.grad_accum, stop_requested)
-                verdict = self.guard.judge(loss_mean)
-                if verdict.skip and math.isfinite(loss_mean):
-                    loss = loss * math.nan
+                skip, spike = self.guard.judge_on_device(loss_mean)
+                loss = loss * torch.where(skip, math.nan, 1.0)
             self.engine.backward(loss)
             if k == 0:
                 faults.maybe_kill(step, self.rank, "step")
@@ -222,13 +224,19 @@ class Trainer:
             if k == t.grad_accum - 1:
                 stage0_norm = ds_engine.grad_norm_before_step(self.engine)
             ds_engine.step(self.engine, stage0_norm)
+        norm = self.engine.get_global_grad_norm()
+        norm = stage0_norm if norm is None else norm
+        loss_mean, stop, skip, spike, norm = _read_once(loss_mean, stop, skip, spike, norm)
+        applied = self.engine.was_step_applied()
+        if stage0_norm is not None and ds_engine.skips_on_device(self.engine) and skip_norm(norm):
+            ds_engine.undo_schedule_step(self.engine)  # skipped on the device, unseen by DeepSpeed
+            applied = False
         # fp16 loss-scale overflows are DeepSpeed's routine, not bad steps
-        applied = self.engine.was_step_applied() or precision(self.ds) == "fp16"
-        event = verdict.event or (None if applied else "nonfinite_grad")
-        skipped = verdict.skip or not applied
-        self.guard.record(step, loss_mean, not skipped, spike=verdict.event == "spike")
-        grad_norm = self.engine.get_global_grad_norm()
-        grad_norm = stage0_norm if grad_norm is None else grad_norm
+        applied = applied or precision(self.ds) == "fp16"
+        event = "nonfinite" if not math.isfinite(loss_mean) else ("spike" if spike else None)
+        event = event or (None if applied else "nonfinite_grad")
+        skipped = skip or not applied
+        self.guard.record(step, loss_mean, not skipped, spike=spike)
         c = self.counters
         c.step += 1
         c.tokens += self.global_batch * t.seq_len
@@ -240,7 +248,7 @@ class Trainer:
             "tokens": c.tokens,
             "loss": loss_mean,
             "lr": lr,
-            "grad_norm": finite_or_none(float(grad_norm)) if grad_norm is not None else None,
+            "grad_norm": finite_or_none(norm),
             "tok_per_s": tok_per_s,
             "mfu": mfu(tok_per_s, self.flops_per_token, self.world, self.peak),
             "elapsed_s": c.elapsed_s,
@@ -430,6 +438,27 @@ class Trainer:
             self.watchdog.beat(self.counters.step, phase)
 
 
+def _read_once(
+    loss: torch.Tensor,
+    stop: torch.Tensor,
+    skip: torch.Tensor,
+    spike: torch.Tensor,
+    norm: torch.Tensor | float | None,
+) -> tuple[float, bool, bool, bool, float | None]:
+    """The step's one device-to-host transfer: its numbers stacked into one tensor."""
+    values = [loss.double(), stop.double(), skip.double(), spike.double()]
+    if torch.is_tensor(norm):
+        values.append(norm.detach().double().to(loss.device))
+    read = torch.stack(values).tolist()
+    if not torch.is_tensor(norm):
+        read.append(norm)
+    return read[0], read[1] > 0, read[2] > 0, read[3] > 0, read[4]
+
+
+def skip_norm(norm: float | None) -> bool:
+    return norm is not None and not math.isfinite(norm)
+
+
 # ---------------------------------------------------------------------- entry points
 
 
@@ -437,9 +466,7 @@ def run(config_path: str | None, ds_path: str, overrides: list[str]) -> dict[str
     """Resolve both configs (every problem at once), then train. Returns the final summary
     (on every rank)."""
     launch = ensure_env()
-    cfg, ds = resolve_configs(
-        config_path, ds_path, overrides, world_size(), ds_engine.accelerator_name()
-    )
+    cfg, ds = resolve_configs(config_path, ds_path, overrides, world_size())
     print0(describe(launch))
     # The watchdog names the stuck rank; the backend timeout, later, is the backstop.
     ds_engine.init_distributed(2 * cfg.train.watchdog_s)

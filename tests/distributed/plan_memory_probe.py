@@ -84,7 +84,7 @@ def main() -> None:
         raw = read_ds_config(Path("ds_configs") / f"{name}.json")
         # Partition every weight (the tiny model's are all below the default threshold).
         raw["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-        ds = fill_ds_config(raw, cfg, dist.world_size(), ds_engine.accelerator_name())
+        ds = fill_ds_config(raw, cfg, dist.world_size())
         torch.manual_seed(0)
         engine = ds_engine.initialize(GPT(cfg.model), ds, cfg.optim.weight_decay)
         x = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len))

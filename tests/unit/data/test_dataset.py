@@ -92,3 +92,16 @@ def test_read_meta_rejects_unknown_format(data_dir):
     (data_dir / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="format_version 99"):
         read_meta(data_dir)
+
+
+def test_an_id_beyond_the_vocabulary_is_refused_naming_the_file(data_dir):
+    """Damage that keeps the file's size: caught as the batch is read, on the host, with the
+    file named (on a GPU the model does not read ids back to check them)."""
+    tokens = np.memmap(data_dir / "train.bin", dtype=np.uint16, mode="r+")
+    tokens[100] = 300  # vocabulary: 257
+    tokens.flush()
+    ds = TokenDataset(data_dir, "train", 16)
+    x, _ = ds.inputs_and_labels([0, 1, 2])  # before the damage: fine
+    assert x.max() < 257
+    with pytest.raises(ValueError, match=r"train\.bin: a token id of sample 6 .* not below"):
+        ds.inputs_and_labels([0, 6])
