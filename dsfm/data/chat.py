@@ -23,8 +23,8 @@ Design choices:
   (template "\\n" + content that starts with "\\n"); training and `render_prompt` segment
   identically, so the model sees one consistent tokenization.
 - Chat tokens are special tokens appended after the existing vocabulary, so every
-  pretrained id keeps its meaning; the model grows to match with
-  `lora.resize_token_embeddings(model, meta["vocab_size"])`.
+  pretrained id keeps its meaning; a model fine-tuned on the data is built at its
+  vocabulary, the new rows starting at the mean of the old (`interop.weights.TensorSource`).
 - A chat dataset is the pretraining format plus `{split}.mask`, one uint8 per token
   (`format.py`); `prepare.prepare_chat` writes it, rendering each conversation here.
 """

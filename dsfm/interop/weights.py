@@ -12,6 +12,11 @@ Design choices:
   callers always see plain Llama weights.
 - Weights are checked against a shape-only (meta device) model of the tag's own config
   before anyone loads them, so a mismatch names the tensors instead of failing in torch.
+- `TensorSource` reads one tensor at a time, for building a model module by module (ZeRO-3
+  partitioned construction): a plain checkpoint's safetensors are read lazily, so the
+  whole model is never in memory; a DeepSpeed tag's weights are consolidated once (ZeRO
+  shards are flat partitions of every tensor), so merge or export such a tag first to
+  start a model too large for one host's memory from it.
 - A plain checkpoint is written whole or not at all (`dsfm.atomic`), and an existing
   directory is refused.
 """
@@ -73,6 +78,68 @@ def load_weights(ckpt_dir: Path, tag: str, state: dict[str, Any]) -> dict[str, t
     if lora["rank"] > 0:  # adapters folded in: callers always see plain Llama weights
         weights = merge_state_dict(weights, lora["alpha"] / lora["rank"])
     return weights
+
+
+class TensorSource:
+    """The fp32 tensors of a checkpoint tag by name, read one at a time where the format
+    allows (see the module doc)."""
+
+    def __init__(self, ckpt_dir: Path, tag: str, state: dict[str, Any]):
+        self.where = ckpt_dir / tag
+        plain = self.where / PLAIN_WEIGHTS
+        if plain.is_file():
+            from safetensors import safe_open
+
+            self._file = safe_open(str(plain), framework="pt")
+            self._weights = None
+            names = self._file.keys()
+        else:
+            self._weights = load_weights(ckpt_dir, tag, state)
+            names = self._weights.keys()
+        self.shapes = {k: self._shape(k) for k in names}
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        if self._weights is not None:
+            return tuple(self._weights[name].shape)
+        return tuple(self._file.get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._weights is not None:
+            return self._weights[name]
+        return self._file.get_tensor(name).float()
+
+    def check_fits(self, shapes: dict[str, tuple[int, ...]], tied: bool) -> None:
+        """ValueError unless every tensor of a model with `shapes` is here with its shape;
+        the vocabulary (embedding and LM-head rows) may have grown."""
+        grows = ("embed_tokens.weight", "lm_head.weight")
+        problems = []
+        for name, shape in shapes.items():
+            have = self.shapes.get(name)
+            if have is None:
+                if not (tied and name == "lm_head.weight"):
+                    problems.append(f"{name} missing")
+            elif have != shape and not (
+                name in grows and have[1:] == shape[1:] and have[0] <= shape[0]
+            ):
+                problems.append(f"{name} {have} != {shape}")
+        unexpected = sorted(set(self.shapes) - set(shapes))
+        if unexpected:
+            problems.append(f"unexpected {', '.join(unexpected[:5])}")
+        if problems:
+            raise ValueError(f"weights in {self.where} do not fit the model: {'; '.join(problems)}")
+
+    @torch.no_grad()
+    def fill(self, name: str, module: torch.nn.Module) -> None:
+        """Copy `module`'s own parameters from the checkpoint; rows a grown vocabulary adds
+        start at the mean of the checkpoint's rows, so each old id predicts what it did and
+        a new token's logit starts near the average."""
+        for pname, param in module.named_parameters(recurse=False):
+            key = f"{name}.{pname}" if name else pname
+            if key not in self.shapes:  # a tied LM head: the embedding's tensor
+                continue
+            src = self.get(key)
+            param[: len(src)].copy_(src)
+            param[len(src) :].copy_(src.mean(0).expand_as(param[len(src) :]))
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -29,11 +29,16 @@ Design choices:
   keeping only the block inputs.
 - Init: normal(0, init_std) everywhere, with the two projections that write into the
   residual stream (`o_proj`, `down_proj`) scaled by 1/sqrt(2 * n_layers) so the residual
-  variance does not grow with depth (GPT-2).
+  variance does not grow with depth (GPT-2). Each module draws from its own generator,
+  seeded by the global seed and the module's name (`init_module`): the weights do not
+  depend on the order modules are built in, so a model built partitioned across ranks
+  (ZeRO-3, `dsfm.train.engine.build_model`) and initialised module by module equals one
+  built whole.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -247,15 +252,24 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Re-draw every weight from the global RNG (deterministic under torch.manual_seed)."""
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        """Re-draw every weight (deterministic under torch.manual_seed; see `init_module`)."""
         for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                scaled = name.endswith(("o_proj", "down_proj"))
-                nn.init.normal_(module.weight, mean=0.0, std=out_std if scaled else std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+            self.init_module(name, module)
+
+    @torch.no_grad()
+    def init_module(self, name: str, module: nn.Module) -> None:
+        """Draw `module`'s own weights (not its children's) from a generator seeded by the
+        global seed (`torch.initial_seed()`) and `name`."""
+        if isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        if not isinstance(module, (nn.Linear, nn.Embedding)) or module.weight.is_meta:
+            return
+        key = hashlib.sha256(f"{torch.initial_seed()}/{name}".encode()).digest()
+        g = torch.Generator(module.weight.device).manual_seed(int.from_bytes(key[:8], "big") >> 1)
+        std = self.cfg.init_std
+        if name.endswith(("o_proj", "down_proj")):
+            std /= math.sqrt(2 * self.cfg.n_layers)
+        module.weight.normal_(0.0, std, generator=g)
 
     def forward(
         self,

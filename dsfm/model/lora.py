@@ -1,4 +1,4 @@
-"""LoRA adapters, merging, and vocabulary growth for fine-tuning, in plain torch.
+"""LoRA adapters and their merging, in plain torch.
 
 Design choices:
 - Our own small module, no peft: `LoRALinear` *is* an `nn.Linear` that keeps its frozen
@@ -16,15 +16,10 @@ Design choices:
 - Merging folds `B @ A * alpha/r` into the weight in fp32 and casts back once, so a bf16
   model loses no more precision than one rounding. It works on a state dict
   (`merge_state_dict`), so `dsfm merge` and export need no model instance.
-- `resize_token_embeddings` grows the vocabulary for added special tokens (the chat tokens
-  of `data/chat.py`). New rows start at the mean of the existing rows, so a new token's
-  logit starts near the average logit instead of random (Hewitt 2021), and the old rows
-  are untouched, so every pretrained id predicts what it did.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -157,42 +152,3 @@ def merge_state_dict(
             sd[f"{prefix}.weight"], sd[f"{prefix}.lora_A"], sd[f"{prefix}.lora_B"], alpha_over_rank
         )
     return merged
-
-
-@torch.no_grad()
-def resize_token_embeddings(model: nn.Module, new_vocab_size: int) -> None:
-    """Grow `embed_tokens` and the lm_head to `new_vocab_size` rows, in place.
-
-    New rows are the mean of the old ones; a tied lm_head stays tied; `model.cfg.vocab_size`
-    follows. Shrinking is refused: it would drop ids the tokenizer still produces.
-    """
-    embed: nn.Embedding = model.embed_tokens
-    head: nn.Linear = model.lm_head
-    old_vocab_size = embed.num_embeddings
-    if new_vocab_size < old_vocab_size:
-        raise ValueError(
-            f"new_vocab_size={new_vocab_size} is smaller than the model's {old_vocab_size}; "
-            f"shrinking would drop trained ids, so only growing is supported"
-        )
-    if isinstance(head, LoRALinear):
-        raise ValueError("resize before apply_lora: lm_head carries a LoRA adapter")
-    tied = head.weight is embed.weight
-    embed.weight = _grown(embed.weight, new_vocab_size)
-    embed.num_embeddings = new_vocab_size
-    if tied:
-        head.weight = embed.weight
-    else:
-        head.weight = _grown(head.weight, new_vocab_size)
-        if head.bias is not None:
-            head.bias = _grown(head.bias, new_vocab_size)
-    head.out_features = new_vocab_size
-    model.cfg = dataclasses.replace(model.cfg, vocab_size=new_vocab_size)
-
-
-def _grown(param: nn.Parameter, n_rows: int) -> nn.Parameter:
-    """`param` with rows appended up to `n_rows`, each the mean of the existing rows."""
-    old = param.data
-    new = torch.empty((n_rows, *old.shape[1:]), device=old.device, dtype=old.dtype)
-    new[: len(old)] = old
-    new[len(old) :] = old.float().mean(dim=0).to(old.dtype)
-    return nn.Parameter(new, requires_grad=param.requires_grad)

@@ -2,29 +2,36 @@
 
 Design choices:
 - Every rank builds the same model from the same seed (`seed_everything` before building).
+- Under ZeRO-3 the model is built partitioned (`engine.build_model`): no rank ever holds it
+  whole, so a model larger than one host's memory can be trained. Its weights are then
+  drawn, or read from `train.init_from`, one module at a time (`engine.fill_modules`);
+  the model's own init is seeded per module name, so the values equal a whole build's.
 - With `train.init_from` the model starts from the source checkpoint's weights (any ZeRO
-  stage's tag, or a plain checkpoint); when fine-tuning data added tokens (chat), the
-  embedding and LM head grow to the data's vocabulary with mean rows.
+  stage's tag, or a plain checkpoint, read tensor by tensor); when fine-tuning data added
+  tokens (chat), the model is built at the data's vocabulary and the new embedding and
+  LM-head rows start at the mean of the old ones.
 - `data.path` is one dataset; `data.mix` a blend, shuffled per source for training, and
   for validation each source's first samples (the same every eval).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from dsfm.config.deepspeed import zero_stage
 from dsfm.config.schema import Config
 from dsfm.data.blend import BlendedDataset, open_split
 from dsfm.data.dataset import TokenDataset
-from dsfm.interop.weights import load_into, load_weights
+from dsfm.interop.weights import TensorSource, expected_shapes
 from dsfm.model.gpt import GPT
-from dsfm.model.lora import apply_lora, resize_token_embeddings
+from dsfm.model.lora import apply_lora
 from dsfm.train import checkpoint
+from dsfm.train import engine as ds_engine
 
 
 def seed_everything(seed: int) -> None:
@@ -33,19 +40,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: Config) -> GPT:
-    """A fresh model, or train.init_from's weights with grown embeddings; LoRA if asked."""
+def build_model(cfg: Config, ds: dict[str, Any]) -> GPT:
+    """A fresh model, or train.init_from's weights (vocabulary grown to the data's); LoRA if
+    asked. Partitioned across ranks under ZeRO-3 (see the module doc)."""
+    partitioned = zero_stage(ds) == 3
+    model = ds_engine.build_model(lambda: GPT(cfg.model), ds)
     src_vocab = cfg.model.vocab_size
-    if cfg.train.init_from is None:
-        model = GPT(cfg.model)
-    else:
+    if cfg.train.init_from is not None:
         ckpt_dir, tag = checkpoint.resolve(cfg.train.init_from)
         state = checkpoint.client_state(ckpt_dir, tag)
         src_vocab = state["config"]["model"]["vocab_size"]
-        model = GPT(dataclasses.replace(cfg.model, vocab_size=src_vocab))
-        load_into(model, load_weights(ckpt_dir, tag, state), ckpt_dir / tag)
-        if cfg.model.vocab_size > src_vocab:
-            resize_token_embeddings(model, cfg.model.vocab_size)
+        source = TensorSource(ckpt_dir, tag, state)
+        source.check_fits(expected_shapes(cfg.model), cfg.model.tie_embeddings)
+        ds_engine.fill_modules(model, source.fill, partitioned)
+    elif partitioned:  # the values drawn while building were partitioned away
+        ds_engine.fill_modules(model, model.init_module, partitioned)
     if cfg.lora.rank > 0:
         apply_lora(
             model,

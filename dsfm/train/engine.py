@@ -13,12 +13,14 @@ import contextlib
 import datetime
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dsfm.distributed.env import local_rank
+from dsfm.config.deepspeed import zero_stage
+from dsfm.distributed.env import local_rank, rank
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -53,12 +55,47 @@ def init_distributed(timeout_s: float = 0) -> None:
     deepspeed.init_distributed(dist_backend=backend, verbose=False, **kwargs)
 
 
+def build_model(make: Callable[[], torch.nn.Module], ds: dict[str, Any]) -> torch.nn.Module:
+    """`make()`, under ZeRO-3 inside `deepspeed.zero.Init`: each parameter is cut into
+    per-rank partitions as its module is built, so no rank ever holds the whole model. The
+    values drawn while building are lost in the partitioning: fill them with `fill_modules`.
+    """
+    if zero_stage(ds) != 3:
+        return make()
+    with deepspeed.zero.Init(config_dict_or_path=ds):
+        return make()
+
+
+def fill_modules(
+    model: torch.nn.Module, fill: Callable[[str, torch.nn.Module], None], partitioned: bool
+) -> None:
+    """`fill(name, module)` for every module that owns parameters. On a partitioned model one
+    module's parameters are gathered at a time and rank 0's values are kept (broadcast and
+    re-partitioned on the way out), so memory holds one module whole, never the model."""
+    for name, module in model.named_modules():
+        params = list(module.parameters(recurse=False))
+        if not params:
+            continue
+        if not partitioned:
+            fill(name, module)
+            continue
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            if rank() == 0:
+                fill(name, module)
+
+
+def count_params(model: torch.nn.Module, trainable: bool = False) -> int:
+    """Parameters of `model` (shared tensors once), also when ZeRO-3 has partitioned them."""
+    params = {id(p): p for p in model.parameters() if p.requires_grad or not trainable}
+    return sum(getattr(p, "ds_numel", p.numel()) for p in params.values())
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay only matrices (linear and embedding weights), never norms or biases."""
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+        if p.requires_grad:  # a ZeRO-3 partition is flat: its full shape is ds_shape
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -96,10 +96,10 @@ class Trainer:
         resume_tag = self._resumable_tag()
 
         build.seed_everything(t.seed)  # same init on every rank
-        model = build.build_model(cfg)
+        model = build.build_model(cfg, ds)
         self.flops_per_token = model.flops_per_token(t.seq_len)
-        self.n_params = model.num_params()
-        self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.n_params = ds_engine.count_params(model)
+        self.n_trainable = ds_engine.count_params(model, trainable=True)
         self.engine = ds_engine.initialize(model, ds, cfg.optim.weight_decay, compile=t.compile)
         # DeepSpeed's WarmupCosineLR gives the first two updates lr=0; start one step in so
         # update k (0-based) uses lr*(k+1)/warmup and the last update lands on min_lr_ratio.

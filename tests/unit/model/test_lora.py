@@ -16,7 +16,6 @@ from dsfm.model.lora import (
     LoRALinear,
     apply_lora,
     merge_state_dict,
-    resize_token_embeddings,
 )
 
 RANK, ALPHA = 4, 8.0
@@ -212,32 +211,3 @@ def test_merge_state_dict_needs_complete_pairs():
     sd = {"q.weight": torch.zeros(3, 2), "q.lora_A": torch.zeros(1, 2)}
     with pytest.raises(KeyError, match=r"cannot merge q.*q\.lora_B"):
         merge_state_dict(sd, 2.0)
-
-
-@pytest.mark.parametrize("tie", [False, True])
-def test_resize_token_embeddings(tie):
-    model = tiny_model(tie=tie)
-    old_embed = model.embed_tokens.weight.detach().clone()
-    old_head = model.lm_head.weight.detach().clone()
-    resize_token_embeddings(model, 68)
-
-    assert model.cfg.vocab_size == 68 and model.embed_tokens.num_embeddings == 68
-    assert model.embed_tokens.weight.shape == (68, 32) and model.lm_head.weight.shape == (68, 32)
-    assert torch.equal(model.embed_tokens.weight[:64], old_embed)
-    assert torch.allclose(model.embed_tokens.weight[64:], old_embed.mean(0).expand(4, -1))
-    assert torch.equal(model.lm_head.weight[:64], old_head)
-    assert torch.allclose(model.lm_head.weight[64:], old_head.mean(0).expand(4, -1))
-    assert (model.lm_head.weight is model.embed_tokens.weight) == tie
-    assert model(torch.tensor([[1, 65, 67]])).shape == (1, 3, 68)  # new ids are accepted
-
-    with pytest.raises(ValueError, match="only growing"):
-        resize_token_embeddings(model, 60)
-
-
-def test_resize_then_lora_keeps_new_rows_frozen_with_the_rest():
-    model = tiny_model()
-    resize_token_embeddings(model, 70)
-    apply_lora(model, rank=RANK, alpha=ALPHA, dropout=0.0)
-    assert not model.embed_tokens.weight.requires_grad and not model.lm_head.weight.requires_grad
-    inputs, labels = batch(vocab_size=70)
-    model(inputs, labels).backward()  # the grown model trains end to end
