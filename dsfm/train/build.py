@@ -16,6 +16,7 @@ Design choices:
 
 from __future__ import annotations
 
+import ctypes
 import random
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +45,8 @@ def build_model(cfg: Config, ds: dict[str, Any]) -> GPT:
     """A fresh model, or train.init_from's weights (vocabulary grown to the data's); LoRA if
     asked. Partitioned across ranks under ZeRO-3 (see the module doc)."""
     partitioned = zero_stage(ds) == 3
+    if partitioned:
+        return_freed_memory()
     model = ds_engine.build_model(lambda: GPT(cfg.model), ds)
     src_vocab = cfg.model.vocab_size
     if cfg.train.init_from is not None:
@@ -69,6 +72,20 @@ def build_model(cfg: Config, ds: dict[str, Any]) -> GPT:
             model.embed_tokens.weight.requires_grad_(True)
             model.lm_head.weight.requires_grad_(True)
     return model
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> None:
+    """Have glibc map blocks from `threshold` bytes up on their own, so freeing one gives the
+    memory back to the OS. By default glibc raises that threshold (up to 32 MB) as large
+    blocks are freed and keeps later ones in its heap, where the full-size tensors a
+    partitioned build frees, one per module, leave holes adding up to a second half of the
+    model per rank (measured: +505 MB for a 316 MB partition, +323 MB with this). A no-op
+    off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also stops its adjustment
 
 
 def open_data(
