@@ -86,27 +86,26 @@ class TensorSource:
 
     def __init__(self, ckpt_dir: Path, tag: str, state: dict[str, Any]):
         self.where = ckpt_dir / tag
-        plain = self.where / PLAIN_WEIGHTS
-        if plain.is_file():
+        self._plain = self.where / PLAIN_WEIGHTS
+        self._weights = None
+        if self._plain.is_file():
             from safetensors import safe_open
 
-            self._file = safe_open(str(plain), framework="pt")
-            self._weights = None
-            names = self._file.keys()
+            with safe_open(str(self._plain), framework="pt") as f:
+                self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         else:
             self._weights = load_weights(ckpt_dir, tag, state)
-            names = self._weights.keys()
-        self.shapes = {k: self._shape(k) for k in names}
-
-    def _shape(self, name: str) -> tuple[int, ...]:
-        if self._weights is not None:
-            return tuple(self._weights[name].shape)
-        return tuple(self._file.get_slice(name).get_shape())
+            self.shapes = {k: tuple(v.shape) for k, v in self._weights.items()}
 
     def get(self, name: str) -> torch.Tensor:
         if self._weights is not None:
             return self._weights[name]
-        return self._file.get_tensor(name).float()
+        from safetensors import safe_open
+
+        # Opened per tensor: safetensors maps the whole file, and every page read stays
+        # resident in this process while the file is open (as much memory as the model).
+        with safe_open(str(self._plain), framework="pt") as f:
+            return f.get_tensor(name).float().clone()
 
     def check_fits(self, shapes: dict[str, tuple[int, ...]], tied: bool) -> None:
         """ValueError unless every tensor of a model with `shapes` is here with its shape;
@@ -122,7 +121,9 @@ class TensorSource:
                 name in grows and have[1:] == shape[1:] and have[0] <= shape[0]
             ):
                 problems.append(f"{name} {have} != {shape}")
-        unexpected = sorted(set(self.shapes) - set(shapes))
+        unexpected = sorted(
+            set(self.shapes) - set(shapes) - ({"lm_head.weight"} if tied else set())
+        )
         if unexpected:
             problems.append(f"unexpected {', '.join(unexpected[:5])}")
         if problems:

@@ -28,7 +28,7 @@ from dsfm.config.deepspeed import zero_stage
 from dsfm.config.schema import Config
 from dsfm.data.blend import BlendedDataset, open_split
 from dsfm.data.dataset import TokenDataset
-from dsfm.interop.weights import TensorSource, expected_shapes
+from dsfm.interop.weights import TensorSource
 from dsfm.model.gpt import GPT
 from dsfm.model.lora import apply_lora
 from dsfm.train import checkpoint
@@ -54,7 +54,7 @@ def build_model(cfg: Config, ds: dict[str, Any]) -> GPT:
         state = checkpoint.client_state(ckpt_dir, tag)
         src_vocab = state["config"]["model"]["vocab_size"]
         source = TensorSource(ckpt_dir, tag, state)
-        source.check_fits(expected_shapes(cfg.model), cfg.model.tie_embeddings)
+        source.check_fits(ds_engine.param_shapes(model), cfg.model.tie_embeddings)
         ds_engine.fill_modules(model, source.fill, partitioned)
     elif partitioned:  # the values drawn while building were partitioned away
         ds_engine.fill_modules(model, model.init_module, partitioned)

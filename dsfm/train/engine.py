@@ -84,6 +84,11 @@ def fill_modules(
                 fill(name, module)
 
 
+def param_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every parameter's full shape by name (shared tensors once), also when partitioned."""
+    return {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
+
+
 def count_params(model: torch.nn.Module, trainable: bool = False) -> int:
     """Parameters of `model` (shared tensors once), also when ZeRO-3 has partitioned them."""
     params = {id(p): p for p in model.parameters() if p.requires_grad or not trainable}
