@@ -18,10 +18,10 @@ from tests.conftest import deepspeed_train
 
 pytestmark = pytest.mark.distributed
 
-# 158M parameters, 633 MB in fp32: far beyond the test presets, small enough for CI.
+# 208M parameters, 833 MB in fp32: far beyond the test presets, small enough for CI.
 BIG = [
     "model.d_model=1024",
-    "model.n_layers=12",
+    "model.n_layers=16",
     "model.n_heads=8",
     "model.vocab_size=2048",
     "model.max_seq_len=64",
