@@ -1,7 +1,6 @@
-"""ZeRO-3 builds a large model partitioned across 2 real ranks: from `train.init_from` (read
-tensor by tensor) and fresh, each rank's host memory grows by well under one full fp32 copy
-of the weights, and the first loss equals the whole model's (same weights, bit for bit up to
-fp32 summation order)."""
+"""ZeRO-3 builds a large model partitioned across 2 real ranks from `train.init_from` (read
+tensor by tensor): each rank's host memory grows by well under one full fp32 copy of the
+weights, and the first loss equals the whole model's (the same weights)."""
 
 from __future__ import annotations
 
@@ -41,9 +40,7 @@ def loss_of(model: GPT) -> float:
 
 def test_zero3_builds_a_large_model_partitioned(byte_data, tmp_path):
     cfg = load_config(None, BIG)
-    torch.manual_seed(cfg.train.seed)
-    fresh_loss = loss_of(GPT(cfg.model))
-    torch.manual_seed(1)  # other weights for init_from, so loading is told apart from drawing
+    torch.manual_seed(1)  # not train.seed: loading the weights is told apart from drawing them
     source = GPT(cfg.model)
     init_from_loss = loss_of(source)
     tok = tmp_path / "tok"
@@ -63,6 +60,5 @@ def test_zero3_builds_a_large_model_partitioned(byte_data, tmp_path):
     for rank in (0, 1):
         r = json.loads((out / f"partition_rank{rank}.json").read_text())
         assert r["n_params"] == num_params(cfg.model)
-        assert r["rss_growth"] < MEMORY_FRACTION * full_bytes, (rank, r["rss_growth"], full_bytes)
+        assert r["rss_growth"] < MEMORY_FRACTION * full_bytes, (rank, r["rss_growth"] / full_bytes)
         assert r["init_from_loss"] == pytest.approx(init_from_loss, rel=1e-6, abs=1e-6)
-        assert r["fresh_loss"] == pytest.approx(fresh_loss, rel=1e-6, abs=1e-6)

@@ -267,3 +267,21 @@ def test_state_dict_names_are_hf_names():
     # No buffers: nothing a bf16 cast could silently degrade (RoPE tables are built per call).
     assert list(model.buffers()) == []
     assert dataclasses.asdict(model.cfg)["n_kv_heads"] == 4
+
+
+def test_init_does_not_depend_on_build_order():
+    """Each module draws from its own name-seeded generator, so modules initialised one at a
+    time in any order (as a ZeRO-3 partitioned build does) equal a whole build."""
+    a = make_model(seed=3)
+    torch.manual_seed(3)
+    b = GPT(tiny_cfg())
+    with torch.no_grad():
+        for p in b.parameters():
+            p.zero_()
+    for name, module in reversed(list(b.named_modules())):
+        b.init_module(name, module)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    torch.manual_seed(4)
+    other = GPT(tiny_cfg())
+    assert not torch.equal(other.layers[0].mlp.up_proj.weight, a.layers[0].mlp.up_proj.weight)
