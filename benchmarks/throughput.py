@@ -132,10 +132,13 @@ def run_plain(cfg: Config, device: torch.device, compile: bool, args) -> dict[st
 
 
 def run_deepspeed(
-    cfg: Config, device: torch.device, stage: int, compile: bool, args
+    cfg: Config, device: torch.device, stage: int, compile: bool, args, ds_adam: bool = False
 ) -> dict[str, Any]:
-    """dsfm's path: fill_ds_config + engine.initialize, as the trainer does."""
+    """dsfm's path: fill_ds_config + engine.initialize, as the trainer does. `ds_adam`:
+    DeepSpeed's FusedAdam (JIT-compiled with nvcc) instead of torch's fused AdamW."""
     ds = read_ds_config(ROOT / "ds_configs" / f"zero{stage}.json")
+    if ds_adam:
+        ds["optimizer"]["params"]["torch_adam"] = False
     ds = fill_ds_config(ds, cfg, world_size=1)
     torch.manual_seed(0)
     engine = ds_engine.initialize(GPT(cfg.model), ds, cfg.optim.weight_decay, compile=compile)
@@ -167,6 +170,9 @@ def variants(device: torch.device, args) -> list[tuple[str, dict[str, Any]]]:
                 out.append(
                     (name, {"plain": False, "stage": stage, "kernels": kernels, "compile": comp})
                 )
+        if args.ds_adam:
+            how = {"plain": False, "stage": stage, "kernels": "torch", "compile": False}
+            out.append((f"zero{stage}-torch-dsadam", {**how, "ds_adam": True}))
     return out
 
 
@@ -179,7 +185,9 @@ def bench_size(size: str, device: torch.device, args) -> list[dict[str, Any]]:
         if how["plain"]:
             result = run_plain(cfg, device, how["compile"], args)
         else:
-            result = run_deepspeed(cfg, device, how["stage"], how["compile"], args)
+            result = run_deepspeed(
+                cfg, device, how["stage"], how["compile"], args, how.get("ds_adam", False)
+            )
         tokens = args.steps * args.batch * args.seq_len
         tok_s = tokens / result["seconds"]
         fpt = (
@@ -236,6 +244,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zero", type=int, nargs="+", default=[1, 2, 3], choices=[0, 1, 2, 3])
     p.add_argument("--compile", action="store_true", help="also DeepSpeed + engine.compile()")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument(
+        "--ds-adam",
+        action="store_true",
+        help="also each ZeRO stage with DeepSpeed's FusedAdam instead of torch's fused AdamW "
+        "(needs nvcc: it is JIT-compiled)",
+    )
     p.add_argument("--out", default="benchmarks/throughput.json", help="JSON results")
     return p.parse_args(argv)
 

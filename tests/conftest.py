@@ -90,9 +90,10 @@ def deepspeed_train(
     port: int = 29510,
     check: bool = True,
     launcher: str = "launchers/pretrain.py",
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """Real DeepSpeed launcher, real ranks: `deepspeed --num_gpus N launchers/pretrain.py`."""
-    return run_cmd(deepspeed_cmd(ds, overrides, nprocs, port, launcher), check=check)
+    return run_cmd(deepspeed_cmd(ds, overrides, nprocs, port, launcher), check=check, env=env)
 
 
 def dsfm(*args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:

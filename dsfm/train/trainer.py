@@ -11,7 +11,10 @@ One step (`train_step`): the next global batch's slice for this rank, forward an
 per micro-batch, and one all-reduce of the loss before the last backward, which also
 carries every rank's stop request (a signal seen by one rank stops all of them) and lets
 every rank judge the step alike: a bad step back-propagates a NaN loss and DeepSpeed's own
-overflow path discards the update on every rank (`guard.py`).
+overflow path discards the update on every rank (`guard.py`). The GPU never waits for the
+host within a step: the judgement is made on the device, and the step's numbers (loss,
+stop request, verdict, gradient norm) are read back in one transfer after its kernels are
+queued (`_read_once`; tests/unit/train/test_hot_loop.py counts the reads).
 
 Exact resume: the whole training state is the engine's (weights, ZeRO optimizer shards, LR
 schedule), the sampler's `consumed_samples`, per-rank RNG states and the counters of the
