@@ -440,6 +440,12 @@ def run(config_path: str | None, ds_path: str, overrides: list[str]) -> dict[str
     cfg, ds = resolve_configs(
         config_path, ds_path, overrides, world_size(), ds_engine.accelerator_name()
     )
+    from dsfm.config.schema import ConfigError
+    from dsfm.doctor import preflight
+
+    # Stop before building anything if this machine cannot run the DeepSpeed config (`dsfm doctor`)
+    if problems := preflight(ds, ds_engine.accelerator_name()):
+        raise ConfigError(problems)
     print0(describe(launch))
     # The watchdog names the stuck rank; the backend timeout, later, is the backstop.
     ds_engine.init_distributed(2 * cfg.train.watchdog_s)
