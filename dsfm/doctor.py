@@ -88,7 +88,7 @@ def accelerator_problems(accelerator: str) -> list[str]:
         why, fix = "no GPU or driver is visible (does `nvidia-smi` list one?)", "run on a GPU node"
     return [
         f"DeepSpeed's accelerator is cuda but torch sees no CUDA device: {why}. Fix: {fix}, "
-        "or set DS_ACCELERATOR=cpu (with train.precision=fp32) to train on the CPU"
+        "or set DS_ACCELERATOR=cpu to train on the CPU"
     ]
 
 

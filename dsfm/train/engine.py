@@ -389,8 +389,8 @@ def _status(
 
 
 def _cache_state(build_dir: Path, name: str, ninja: str | None) -> str:
-    """ "ready": the cached build loads as is; "stale": loading it rebuilds it (another torch,
-    DeepSpeed or ninja version built it, or a source changed); "absent"."""
+    """Whether a cached build loads as is ("ready"), would be rebuilt on load ("stale":
+    another torch, DeepSpeed or ninja built it, or a source changed), or is not there."""
     import subprocess
 
     from torch.utils import cpp_extension
@@ -405,7 +405,12 @@ def _cache_state(build_dir: Path, name: str, ninja: str | None) -> str:
     if not ninja or not all(path in text for path in ours):
         return "stale"
     # ninja's own answer (sources, headers, command lines; a dry run writes nothing)
-    dry = subprocess.run([ninja, "-n"], cwd=build_dir, capture_output=True, text=True, timeout=60)
+    try:
+        dry = subprocess.run(
+            [ninja, "-n"], cwd=build_dir, capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "stale"
     return "ready" if dry.returncode == 0 and "no work to do" in dry.stdout else "stale"
 
 
