@@ -1,5 +1,5 @@
 """`dsfm <verb>`: prepare, data, train, finetune, generate, eval, merge, export, import, config,
-runs, plot, plan.
+runs, plot, plan, doctor.
 
 The command line and nothing else: each verb is a function in the module that owns its
 concern (VERBS), called with the parsed arguments by name. Modules are imported when their
@@ -25,6 +25,7 @@ VERBS = {
     "eval": ("dsfm.eval.loss", "eval_command"),
     "generate": ("dsfm.eval.generate", "generate_command"),
     "plan": ("dsfm.plan", "plan_command"),
+    "doctor": ("dsfm.doctor", "doctor_command"),
     "config": ("dsfm.config.reference", "config_command"),
     "runs": ("dsfm.observe.runs", "runs_command"),
     "plot": ("dsfm.observe.plot", "plot_command"),
@@ -189,6 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
         dest="as_json",
         action="store_true",
         help="print one JSON object with every number",
+    )
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+
+    p = _verb(sub, "doctor", "can this machine run these configs? versions, GPUs, DeepSpeed ops")
+    p.add_argument(
+        "--ds",
+        action="append",
+        metavar="RECIPE",
+        help="DeepSpeed config to check (repeat for more; default: every ds_configs/ recipe)",
+    )
+    p.add_argument("--config", help="training config YAML (its train.precision wins, as in train)")
+    p.add_argument(
+        "--json", dest="as_json", action="store_true", help="print one JSON object with everything"
     )
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
 

@@ -272,3 +272,251 @@ def consolidated_state_dict(ckpt_dir: str | Path, tag: str, stage: int) -> dict[
         )
         sd = states["module"]
     return {k: v.float() for k, v in sd.items()}
+
+
+# --- ops (dsfm doctor)
+# Which of DeepSpeed's compiled ops a run loads, and whether each is ready here, asked of
+# DeepSpeed the way `ds_report` and `OpBuilder.load` decide it, without building anything.
+# `dsfm.doctor` turns the answers into its report and into the train preflight. (Imports stay
+# inside the functions so this section is self-contained at the end of the module.)
+#
+# The rule reads the DeepSpeed config alone (DeepSpeed 0.19.8):
+#   ShareMemCommBuilder  the CPU accelerator's shared-memory collectives: every CPU run, from
+#                        deepspeed.init_distributed (comm/torch.py build_shm_op), when compatible
+#   CPUAdamBuilder       optimizer offload to cpu or nvme (DeepSpeedCPUAdam); without offload
+#                        dsfm's optimizer is torch's AdamW, which needs no DeepSpeed op
+#   AsyncIOBuilder       offload of optimizer or parameters to nvme (runtime/swap_tensor); its
+#                        load() loads PinMemoryBuilder first
+
+
+def ops_needed(ds: dict[str, Any]) -> list[tuple[str, str]]:
+    """(op builder class, why the run loads it) for a run of DeepSpeed config `ds` here."""
+    from deepspeed.ops.op_builder.builder import probe_is_compatible
+
+    zero = ds.get("zero_optimization") or {}
+    opt_device = str((zero.get("offload_optimizer") or {}).get("device", "none")).lower()
+    param_device = str((zero.get("offload_param") or {}).get("device", "none")).lower()
+    ops = []
+    comm = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if comm is not None and _quietly(probe_is_compatible, comm):
+        ops.append(("ShareMemCommBuilder", "CPU collectives, loaded by deepspeed.init_distributed"))
+    if opt_device in ("cpu", "nvme"):
+        ops.append(("CPUAdamBuilder", f"optimizer offload to {opt_device}: DeepSpeedCPUAdam"))
+    if "nvme" in (opt_device, param_device):
+        ops.append(("PinMemoryBuilder", "NVMe offload: async_io loads it first"))
+        ops.append(("AsyncIOBuilder", "NVMe offload: swapping to disk"))
+    return ops
+
+
+def toolchain() -> dict[str, Any]:
+    """What DeepSpeed's JIT builds with: torch's C++ compiler (CXX, else c++), ninja, nvcc
+    (torch's CUDA_HOME), and the torch extensions cache the builds land in."""
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    cxx = cpp_extension.get_cxx_compiler()
+    cuda_home = cpp_extension.CUDA_HOME
+    nvcc = Path(cuda_home, "bin", "nvcc") if cuda_home else None
+    nvcc_found = nvcc is not None and nvcc.is_file()
+    release = _first_line([str(nvcc), "--version"], r"release (\d+\.\d+)") if nvcc_found else None
+    return {
+        "cxx": cxx,
+        "cxx_from_env": "CXX" in os.environ,
+        "cxx_path": shutil.which(cxx),
+        "cxx_version": _first_line([cxx, "--version"]),
+        "ninja_path": shutil.which("ninja"),
+        "ninja_version": _first_line(["ninja", "--version"]),
+        "cuda_home": cuda_home,
+        "nvcc_path": str(nvcc) if nvcc_found else None,
+        "nvcc_version": release,
+        "extensions_dir": str(extensions_dir()),
+    }
+
+
+def extensions_dir() -> Path:
+    """torch's JIT build root, as `torch.utils.cpp_extension._get_build_directory` computes
+    it (repeated here because that function creates the directory)."""
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is not None:
+        return Path(root)
+    if torch.version.hip is not None:
+        device = f"rocm{torch.version.hip.replace('.', '')}"
+    elif torch.version.cuda is not None:
+        device = f"cu{torch.version.cuda.replace('.', '')}"
+    else:
+        device = "cpu"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(cpp_extension.get_default_build_root()) / f"{python}_{device}"
+
+
+def installed_ops() -> list[str]:
+    """The ops compiled into this DeepSpeed install for this accelerator (usually none: a
+    pip install builds each on first use)."""
+    from deepspeed.git_version_info import accelerator_name as built_for
+    from deepspeed.git_version_info import installed_ops as built
+
+    if built_for != get_accelerator()._name:
+        return []
+    return sorted(name for name, yes in built.items() if yes)
+
+
+def op_status(builder_class: str) -> dict[str, Any]:
+    """How a run would get one op here: {"op", "status", "where", "missing": [(problem, fix)]}.
+
+    status: "prebuilt" (compiled into the DeepSpeed install for this accelerator and torch),
+    "built" (in the torch extensions cache, and ninja finds nothing to redo), "buildable"
+    (`OpBuilder.jit_load` can compile it: compatible, ninja, a C++ compiler, nvcc for a CUDA
+    op), or "missing" (it cannot be loaded; `missing` says what is absent and the fix).
+    """
+    from deepspeed.git_version_info import torch_info
+    from deepspeed.ops.op_builder.builder import CUDAOpBuilder, OpBuilder, probe_is_compatible
+
+    acc = get_accelerator()
+    builder = acc.create_op_builder(builder_class)
+    if builder is None or builder.name == "deepspeed_not_implemented":
+        problem = f"DeepSpeed has no {builder_class} for the {acc._name} accelerator"
+        return _status(builder_class, "missing", missing=[(problem, "use a config without it")])
+    name = builder.name
+    if name in installed_ops():
+        # OpBuilder.load takes the installed op and never falls back to a JIT build
+        try:
+            OpBuilder.validate_torch_version(torch_info)
+            if torch.cuda.is_available() and isinstance(builder, CUDAOpBuilder):
+                OpBuilder.validate_torch_op_version(torch_info)
+        except RuntimeError as e:
+            fix = (
+                f"{sys.executable} -m pip install --force-reinstall --no-deps --no-cache-dir "
+                f"deepspeed=={deepspeed.__version__}"
+            )
+            return _status(
+                name, "missing", missing=[(f"{name} is prebuilt for another torch: {e}", fix)]
+            )
+        return _status(name, "prebuilt", builder.absolute_name())
+
+    # OpBuilder.jit_load: is_compatible and ninja first, then torch's build in the cache
+    tc = toolchain()
+    missing = []
+    if not _quietly(probe_is_compatible, builder):
+        missing.append(_incompatible(name, builder.error_log))
+    if not tc["ninja_path"]:
+        missing.append(
+            (
+                "ninja is not on PATH (every JIT load runs it)",
+                f"{sys.executable} -m pip install ninja",
+            )
+        )
+    if torch.cuda.is_available() and isinstance(builder, CUDAOpBuilder) and not tc["nvcc_path"]:
+        # jit_load asks nvcc for its version even when the build is cached
+        problem = f"{name} is a CUDA op and nvcc was not found (CUDA_HOME={tc['cuda_home']})"
+        missing.append(
+            (problem, f"install the CUDA toolkit {torch.version.cuda} and set CUDA_HOME to it")
+        )
+    build_dir = Path(tc["extensions_dir"]) / name
+    if missing:
+        return _status(name, "missing", missing=missing)
+    cache = _cache_state(build_dir, name, tc["ninja_path"])
+    if cache == "ready":
+        return _status(name, "built", str(build_dir), cache=cache)
+    if tc["cxx_path"]:
+        return _status(name, "buildable", str(build_dir), cache=cache)
+    source = "CXX" if tc["cxx_from_env"] else "torch's default C++ compiler"
+    problem = f"no C++ compiler to build {name}: `{tc['cxx']}` ({source}) is not on PATH"
+    if cache == "stale":
+        problem += f", and the cached build in {build_dir} is out of date"
+    fix = _install_hint("g++", "gcc-c++") + ", or set CXX to a C++ compiler's path"
+    return _status(name, "missing", missing=[(problem, fix)])
+
+
+def precision_supported(precision: str) -> bool:
+    """DeepSpeed's own check at initialize (engine `_do_sanity_check`): bf16/fp16 on this
+    accelerator. On CUDA it asks about this rank's GPU, so no context is made on GPU 0."""
+    acc = get_accelerator()
+    check = {"bf16": acc.is_bf16_supported, "fp16": acc.is_fp16_supported}.get(precision)
+    if check is None:
+        return True
+    if accelerator_name() == "cuda" and torch.cuda.is_available():
+        with torch.cuda.device(min(local_rank(), torch.cuda.device_count() - 1)):
+            return bool(check())
+    return bool(check())
+
+
+def _status(
+    op: str, status: str, where: str | None = None, missing: list | None = None, cache: str = ""
+) -> dict:
+    return {"op": op, "status": status, "where": where, "missing": missing or [], "cache": cache}
+
+
+def _cache_state(build_dir: Path, name: str, ninja: str | None) -> str:
+    """Whether a cached build loads as is ("ready"), would be rebuilt on load ("stale":
+    another torch, DeepSpeed or ninja built it, or a source changed), or is not there."""
+    import subprocess
+
+    from torch.utils import cpp_extension
+
+    lib = build_dir / f"{name}{getattr(cpp_extension, 'LIB_EXT', '.so')}"
+    build_file = build_dir / "build.ninja"
+    if not (lib.is_file() and build_file.is_file()):
+        return "absent"
+    # torch rewrites build.ninja before running ninja: another install's paths mean a rebuild
+    text = build_file.read_text(errors="replace")
+    ours = [cpp_extension.include_paths()[0], str(Path(deepspeed.__file__).parent)]
+    if not ninja or not all(path in text for path in ours):
+        return "stale"
+    # ninja's own answer (sources, headers, command lines; a dry run writes nothing)
+    try:
+        dry = subprocess.run(
+            [ninja, "-n"], cwd=build_dir, capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "stale"
+    return "ready" if dry.returncode == 0 and "no work to do" in dry.stdout else "stale"
+
+
+def _incompatible(name: str, error_log: str | None) -> tuple[str, str]:
+    if name == "async_io":
+        return (
+            "async_io needs libaio (headers and library), and a C compiler to find it",
+            _install_hint("libaio-dev", "libaio-devel")
+            + "; if it is installed elsewhere, set CFLAGS=-I<dir>/include LDFLAGS=-L<dir>/lib",
+        )
+    reason = f": {error_log}" if error_log else ""
+    return (f"DeepSpeed finds {name} incompatible here{reason}", "run `ds_report` for details")
+
+
+def _install_hint(apt: str, dnf: str) -> str:
+    import shutil
+
+    if shutil.which("apt-get"):
+        return f"apt-get install {apt}"
+    if shutil.which("dnf") or shutil.which("yum"):
+        return f"dnf install {dnf}"
+    return f"install {apt} (Debian/Ubuntu) or {dnf} (RHEL/Fedora)"
+
+
+def _quietly(fn: Any, *args: Any) -> Any:
+    """DeepSpeed's probes print warnings; the report says what matters in its own words."""
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args)
+
+
+def _first_line(cmd: list[str], pattern: str | None = None) -> str | None:
+    """A tool's first output line (or `pattern`'s group 1 in its output); None if it fails."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    if pattern:
+        match = re.search(pattern, out.stdout)
+        return match.group(1) if match else None
+    lines = out.stdout.strip().splitlines()
+    return lines[0] if lines else None

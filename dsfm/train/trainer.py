@@ -36,13 +36,14 @@ import torch
 from dsfm.config.deepspeed import precision, zero_stage
 from dsfm.config.load import find_recipe, load_config, to_dict
 from dsfm.config.resolve import resolve_configs
-from dsfm.config.schema import Config
+from dsfm.config.schema import Config, ConfigError
 from dsfm.data.blend import BlendedDataset
 from dsfm.data.format import fingerprint
 from dsfm.data.sampler import Sampler
 from dsfm.data.tokenizer import Tokenizer, copy_tokenizer, tokenizer_file
 from dsfm.distributed.collectives import barrier, mean_and_any
 from dsfm.distributed.env import describe, ensure_env, is_rank0, print0, rank, world_size
+from dsfm.doctor import preflight
 from dsfm.gpus import peak_flops
 from dsfm.observe import rundir
 from dsfm.observe.metrics import RunLogger, mfu
@@ -470,6 +471,9 @@ def run(config_path: str | None, ds_path: str, overrides: list[str]) -> dict[str
     (on every rank)."""
     launch = ensure_env()
     cfg, ds = resolve_configs(config_path, ds_path, overrides, world_size())
+    # Stop before building anything if this machine cannot run the DeepSpeed config.
+    if problems := preflight(ds, ds_engine.accelerator_name()):
+        raise ConfigError(problems)
     print0(describe(launch))
     # The watchdog names the stuck rank; the backend timeout, later, is the backstop.
     ds_engine.init_distributed(2 * cfg.train.watchdog_s)
