@@ -80,6 +80,9 @@ ARCHS = (
     Arch(89, "RTX 4060/4090, L4", 99 * 1024),
     Arch(90, "H100", 227 * 1024),
 )
+# Triton tells ptxas the block size (.reqntid), so ptxas spills rather than exceed the two
+# register limits: the spill bound below is the one that bites. The register checks state
+# the hardware's limits all the same, in case a Triton release stops doing so.
 MAX_REGS_PER_THREAD = 255
 MAX_REGS_PER_BLOCK = 64 * 1024
 MAX_THREADS_PER_BLOCK = 1024
