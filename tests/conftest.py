@@ -9,9 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Without a GPU, Triton kernels run in Triton's interpreter (tests/unit/model/test_ops.py).
+# Decided here, before any test imports triton: it fixes the choice per process at import.
+# On a CUDA machine they compile for the device, where the GPU tier tests them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # A tiny model that still has every part (GQA, RoPE, SwiGLU); fp32 so runs compare exactly.
 TINY = [

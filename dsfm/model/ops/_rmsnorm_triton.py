@@ -1,4 +1,9 @@
-"""Triton kernels for `rmsnorm.rms_norm` (imported only when impl='triton')."""
+"""Triton kernels for `rmsnorm.rms_norm` (imported only when impl='triton').
+
+The launch choices are the functions `block_size` and `num_warps`: the launchers call them,
+and tests/unit/model/test_kernel_targets.py compiles every choice they make for widths up
+to `MAX_D` for sm_80, sm_89 and sm_90 and checks its registers and shared memory fit.
+"""
 
 from __future__ import annotations
 
@@ -45,8 +50,21 @@ def _bwd(DY, X, W, RSTD, DX, DW_PART, N, D, ROWS_PER_PROG, BLOCK: tl.constexpr):
     tl.store(DW_PART + pid * D + cols, dw, mask=mask)
 
 
-def _block(d: int) -> int:
+MAX_D = 8192  # the widest row checked for every GPU (rmsnorm.py documents d_model <= 8192)
+
+
+def block_size(d: int) -> int:
+    """Columns per program: the whole row, padded to a power of two."""
     return triton.next_power_of_2(d)
+
+
+def num_warps(block: int) -> int:
+    """Warps per program: at most 16 columns per thread, and at least Triton's default 4
+    (which covers rows up to 2048, every preset's). The backward keeps several row-sized
+    values per thread (x, dy, w, the weight-gradient sum): on 4 warps a 4096-wide row needs
+    180 registers per thread, and an 8192-wide one runs out of the 255 and spills up to 3 KB
+    per thread to local memory; at 16 columns per thread either takes at most 128."""
+    return min(32, max(4, block // (32 * 16)))
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +72,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Te
     y = torch.empty_like(x)
     rstd = torch.empty(n, device=x.device, dtype=torch.float32)
     if n:
-        _fwd[(n,)](x, weight, y, rstd, d, eps, BLOCK=_block(d))
+        block = block_size(d)
+        _fwd[(n,)](x, weight, y, rstd, d, eps, BLOCK=block, num_warps=num_warps(block))
     return y, rstd
 
 
@@ -67,7 +86,20 @@ def backward(
     rows_per_prog = triton.cdiv(max(n, 1), programs)
     dw_part = torch.zeros(programs, d, device=x.device, dtype=torch.float32)
     if n:
-        _bwd[(programs,)](dy, x, weight, rstd, dx, dw_part, n, d, rows_per_prog, BLOCK=_block(d))
+        block = block_size(d)
+        _bwd[(programs,)](
+            dy,
+            x,
+            weight,
+            rstd,
+            dx,
+            dw_part,
+            n,
+            d,
+            rows_per_prog,
+            BLOCK=block,
+            num_warps=num_warps(block),
+        )
     return dx, dw_part.sum(0).to(weight.dtype)
 
 

@@ -1,7 +1,7 @@
 """dsfm.model.ops: every Triton kernel equals its PyTorch fallback, forward and backward.
 
-The kernels run in Triton's interpreter on CPU (TRITON_INTERPRET=1 is set here, before
-triton is imported, so CI needs no environment setup). Shapes are small because the
+The kernels run in Triton's interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1
+before triton is imported, so CI needs no environment setup). Shapes are small because the
 interpreter executes every program in Python; they still cover non-power-of-2 widths,
 a single token (T=1) and a vocabulary that is not a multiple of the kernel's block.
 
@@ -17,25 +17,24 @@ Tolerances per dtype:
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
+import torch.nn.functional as F
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from dsfm.config.load import load_config  # noqa: E402
-from dsfm.config.schema import ConfigError  # noqa: E402
-from dsfm.model import ops  # noqa: E402
-from dsfm.model.config import ModelConfig  # noqa: E402
-from dsfm.model.gpt import GPT, rope_cos_sin  # noqa: E402
+from dsfm.config.load import load_config
+from dsfm.config.schema import ConfigError
+from dsfm.model import ops
+from dsfm.model.config import ModelConfig
+from dsfm.model.gpt import GPT, rope_cos_sin
+from dsfm.model.ops.backend import interpreting
 
 TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2}}
 DTYPES = [torch.float32, torch.bfloat16]
 
 needs_triton = pytest.mark.skipif(
-    not ops.triton_available(), reason="triton is not installed (pip install -e '.[dev]')"
+    not ops.triton_available() or not interpreting(),
+    reason="needs triton (pip install -e '.[dev]') and, without a GPU, its interpreter "
+    "(tests/conftest.py sets TRITON_INTERPRET=1); on a CUDA machine tests/gpu/ runs the kernels",
 )
 
 
