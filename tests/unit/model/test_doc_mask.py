@@ -40,14 +40,19 @@ def make_model(**overrides) -> GPT:
     return GPT(ModelConfig(**cfg))
 
 
+# (row, start, end) of the documents of `packed_batch`: each ends with its EOT
+DOCUMENTS = [(0, 0, 7), (0, 7, 8), (0, 8, 20), (0, 20, 34), (0, 34, 40)]
+DOCUMENTS += [(1, 0, 1), (1, 1, 16), (1, 16, 40)]
+
+
 def packed_batch() -> tuple[torch.Tensor, torch.Tensor]:
     """Two windows of 40 inputs: row 0 starts mid-document and holds four documents (one
     of a single token), row 1 starts on a fresh document and ends on an EOT. Chat-style
     labels: -100 on prompts, and one document with no target at all."""
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(1, 96, (2, 41), generator=g)
-    tokens[0, [6, 7, 19, 33]] = EOT  # documents [0, 7), [7, 8), [8, 20), [20, 34), [34, 40)
-    tokens[1, [0, 15, 39]] = EOT  # [0, 1), [1, 16), [16, 40) (its last input is an EOT)
+    tokens[0, [6, 7, 19, 33]] = EOT
+    tokens[1, [0, 15, 39]] = EOT  # its last input is an EOT
     x, y = tokens[:, :-1], tokens[:, 1:].clone()
     y[0, 8:14] = IGNORE_INDEX  # a prompt
     y[0, 20:34] = IGNORE_INDEX  # a document without targets: counts nowhere
@@ -74,7 +79,7 @@ def test_packed_window_equals_its_documents_run_alone():
     model = make_model().train()  # no dropout: train mode only switches checkpointing paths
     x, y = packed_batch()
     positions = doc_positions(x, EOT)
-    assert len(documents(positions)) == 8
+    assert documents(positions) == DOCUMENTS
 
     packed = model(x, labels=y, positions=positions)
     packed.backward()
