@@ -55,8 +55,12 @@ from dsfm.model.sizes import flops_per_token
 
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
-except ImportError:  # pragma: no cover - older torch: document masks use dense SDPA
-    BlockMask = create_block_mask = flex_attention = None
+except ImportError:  # pragma: no cover - older torch: document masks stay dense (SDPA)
+    create_block_mask = flex_attention = None
+
+    class BlockMask:  # never built (use_flex is False); keeps isinstance checks valid
+        pass
+
 
 IGNORE_INDEX = -100
 
