@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py                       # CPU: the tiny size, < 1 min
     python benchmarks/throughput.py --sizes 135m 1.4b --seq-len 2048 --batch 8   # one GPU
+    python benchmarks/throughput.py --doc-mask --doc-len 512 --compile   # + document masking
 
 For each size it runs, side by side in this process and on the same random tokens:
   torch-eager / torch-compile   the same GPT class, torch.optim.AdamW, no DeepSpeed (the
@@ -9,6 +10,12 @@ For each size it runs, side by side in this process and on the same random token
   zero{1,2,3}-{torch,triton}    dsfm's DeepSpeed engine (ds_configs/zero{N}.json, bf16 on
                                 CUDA, fp32 on CPU) with model.kernels torch or triton
                                 (triton only on CUDA), plus -compile variants with --compile
+  ...-docmask                   with --doc-mask, each variant again with document masking
+                                (model.doc_mask: FlexAttention on CUDA, dense SDPA mask on
+                                CPU) on the same tokens, EOTs every --doc-len tokens on
+                                average; its row adds `ratio_to_causal`, tokens/s over its
+                                twin's: the measurement behind the pretraining default
+                                (MFU counts causal attention's FLOPs in both rows)
 and prints tokens/s, MFU (null off CUDA: no known peak), peak memory and the ratio of
 tokens/s to the compiled baseline (eager where compile is skipped). Results go to JSON.
 
@@ -38,6 +45,7 @@ import torch  # noqa: E402
 from dsfm.config.deepspeed import fill_ds_config, read_ds_config  # noqa: E402
 from dsfm.config.load import load_config  # noqa: E402
 from dsfm.config.schema import Config  # noqa: E402
+from dsfm.data.dataset import doc_positions  # noqa: E402
 from dsfm.distributed import env as dist  # noqa: E402
 from dsfm.gpus import peak_flops  # noqa: E402
 from dsfm.model.gpt import GPT  # noqa: E402
@@ -100,14 +108,27 @@ def time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.
     return time.perf_counter() - start
 
 
-def batch(cfg: Config, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
+EOT = 0  # the benchmark's document separator
+
+
+def batch(cfg: Config, device: torch.device, args, doc_mask: bool) -> dict[str, torch.Tensor]:
+    """The model's inputs: random tokens with an EOT at each position with probability
+    1/doc_len (geometric document lengths), the same for every variant; with `doc_mask`,
+    their per-document positions too."""
+    g = torch.Generator().manual_seed(0)
     shape = (cfg.train.micro_batch_size, cfg.train.seq_len + 1)
-    tokens = torch.randint(0, cfg.model.vocab_size, shape, generator=g).to(device)
-    return tokens[:, :-1], tokens[:, 1:]
+    tokens = torch.randint(1, cfg.model.vocab_size, shape, generator=g)
+    tokens[torch.rand(shape, generator=g) < 1 / args.doc_len] = EOT
+    x = tokens[:, :-1]
+    out = {"input_ids": x.to(device), "labels": tokens[:, 1:].to(device)}
+    if doc_mask:
+        out["positions"] = doc_positions(x, EOT).to(device)
+    return out
 
 
-def run_plain(cfg: Config, device: torch.device, compile: bool, args) -> dict[str, Any]:
+def run_plain(
+    cfg: Config, device: torch.device, compile: bool, doc_mask: bool, args
+) -> dict[str, Any]:
     """The baseline: the same model code, torch AdamW (fused on CUDA), no DeepSpeed."""
     torch.manual_seed(0)
     model = GPT(cfg.model).to(device).train()
@@ -115,12 +136,12 @@ def run_plain(cfg: Config, device: torch.device, compile: bool, args) -> dict[st
         model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=device.type == "cuda"
     )
     fwd = torch.compile(model) if compile else model
-    x, y = batch(cfg, device)
+    inputs = batch(cfg, device, args, doc_mask)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step() -> None:
         with autocast:
-            loss = fwd(x, labels=y)
+            loss = fwd(**inputs)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
@@ -132,7 +153,13 @@ def run_plain(cfg: Config, device: torch.device, compile: bool, args) -> dict[st
 
 
 def run_deepspeed(
-    cfg: Config, device: torch.device, stage: int, compile: bool, args, ds_adam: bool = False
+    cfg: Config,
+    device: torch.device,
+    stage: int,
+    compile: bool,
+    doc_mask: bool,
+    args,
+    ds_adam: bool = False,
 ) -> dict[str, Any]:
     """dsfm's path: fill_ds_config + engine.initialize, as the trainer does. `ds_adam`:
     DeepSpeed's FusedAdam (JIT-compiled with nvcc) instead of torch's fused AdamW."""
@@ -142,10 +169,10 @@ def run_deepspeed(
     ds = fill_ds_config(ds, cfg, world_size=1)
     torch.manual_seed(0)
     engine = ds_engine.initialize(GPT(cfg.model), ds, cfg.optim.weight_decay, compile=compile)
-    x, y = batch(cfg, device)
+    inputs = batch(cfg, device, args, doc_mask)
 
     def step() -> None:
-        loss = engine(x, labels=y)
+        loss = engine(**inputs)
         engine.backward(loss)
         engine.step()
 
@@ -157,22 +184,28 @@ def run_deepspeed(
 
 
 def variants(device: torch.device, args) -> list[tuple[str, dict[str, Any]]]:
-    """(name, how to run it) in the order they run; triton only where it can run for real."""
-    out: list[tuple[str, dict[str, Any]]] = [("torch-eager", {"plain": True, "compile": False})]
+    """(name, how to run it) in the order they run; triton only where it can run for real;
+    with --doc-mask each variant's document-masked twin right after it."""
+    out: list[tuple[str, dict[str, Any]]] = []
+
+    def add(name: str, how: dict[str, Any]) -> None:
+        out.append((name, {**how, "doc_mask": False}))
+        if args.doc_mask:
+            out.append((f"{name}-docmask", {**how, "doc_mask": True}))
+
+    add("torch-eager", {"plain": True, "compile": False})
     if not args.no_compile:
-        out.append(("torch-compile", {"plain": True, "compile": True}))
+        add("torch-compile", {"plain": True, "compile": True})
     kernel_options = ["torch"] + (["triton"] if device.type == "cuda" else [])
     compile_options = [False] + ([True] if args.compile else [])
     for stage in args.zero:
         for kernels in kernel_options:
             for comp in compile_options:
                 name = f"zero{stage}-{kernels}" + ("-compile" if comp else "")
-                out.append(
-                    (name, {"plain": False, "stage": stage, "kernels": kernels, "compile": comp})
-                )
+                add(name, {"plain": False, "stage": stage, "kernels": kernels, "compile": comp})
         if args.ds_adam:
             how = {"plain": False, "stage": stage, "kernels": "torch", "compile": False}
-            out.append((f"zero{stage}-torch-dsadam", {**how, "ds_adam": True}))
+            add(f"zero{stage}-torch-dsadam", {**how, "ds_adam": True})
     return out
 
 
@@ -183,10 +216,16 @@ def bench_size(size: str, device: torch.device, args) -> list[dict[str, Any]]:
         kernels = how.get("kernels", "torch")
         cfg = make_config(size, args, [f"model.kernels={kernels}", f"train.precision={precision}"])
         if how["plain"]:
-            result = run_plain(cfg, device, how["compile"], args)
+            result = run_plain(cfg, device, how["compile"], how["doc_mask"], args)
         else:
             result = run_deepspeed(
-                cfg, device, how["stage"], how["compile"], args, how.get("ds_adam", False)
+                cfg,
+                device,
+                how["stage"],
+                how["compile"],
+                how["doc_mask"],
+                args,
+                how.get("ds_adam", False),
             )
         tokens = args.steps * args.batch * args.seq_len
         tok_s = tokens / result["seconds"]
@@ -197,6 +236,7 @@ def bench_size(size: str, device: torch.device, args) -> list[dict[str, Any]]:
             {
                 "size": size,
                 "variant": name,
+                "doc_mask": how["doc_mask"],
                 "precision": precision,
                 "tokens_per_s": tok_s,
                 "mfu": mfu(tok_s, fpt, 1, peak(device)),
@@ -205,25 +245,32 @@ def bench_size(size: str, device: torch.device, args) -> list[dict[str, Any]]:
                 "flops_per_token": fpt,
             }
         )
-        print(f"  {size:>6} {name:<22} {tok_s:>12,.0f} tok/s", flush=True)
+        print(f"  {size:>6} {name:<30} {tok_s:>12,.0f} tok/s", flush=True)
     by_name = {r["variant"]: r for r in rows}
     base = by_name.get("torch-compile", by_name["torch-eager"])
     for r in rows:
         r["baseline"] = base["variant"]
         r["ratio_to_baseline"] = r["tokens_per_s"] / base["tokens_per_s"]
+        if r["doc_mask"]:  # > 1: document masking is faster than plain causal attention
+            twin = by_name[r["variant"].removesuffix("-docmask")]
+            r["ratio_to_causal"] = r["tokens_per_s"] / twin["tokens_per_s"]
     return rows
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    head = f"{'size':>6} {'variant':<22} {'tok/s':>12} {'MFU':>7} {'peak GB':>8} {'x base':>7}"
+    head = (
+        f"{'size':>6} {'variant':<30} {'tok/s':>12} {'MFU':>7} {'peak GB':>8} {'x base':>7} "
+        f"{'x causal':>8}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         m = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         p = "n/a" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.2f}"
+        c = f"{r['ratio_to_causal']:.2f}" if "ratio_to_causal" in r else ""
         print(
-            f"{r['size']:>6} {r['variant']:<22} {r['tokens_per_s']:>12,.0f} {m:>7} {p:>8} "
-            f"{r['ratio_to_baseline']:>7.2f}"
+            f"{r['size']:>6} {r['variant']:<30} {r['tokens_per_s']:>12,.0f} {m:>7} {p:>8} "
+            f"{r['ratio_to_baseline']:>7.2f} {c:>8}"
         )
 
 
@@ -250,8 +297,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also each ZeRO stage with DeepSpeed's FusedAdam instead of torch's fused AdamW "
         "(needs nvcc: it is JIT-compiled)",
     )
+    p.add_argument(
+        "--doc-mask", action="store_true", help="also each variant with model.doc_mask (-docmask)"
+    )
+    p.add_argument(
+        "--doc-len", type=int, default=512, help="mean document length (tokens) between EOTs"
+    )
     p.add_argument("--out", default="benchmarks/throughput.json", help="JSON results")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.doc_len < 1:
+        p.error(f"--doc-len must be >= 1, got {args.doc_len}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

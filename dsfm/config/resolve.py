@@ -3,10 +3,12 @@
 `load_config` checks the config by itself; training also needs what the config names to
 exist and agree. `resolve` reads each dataset's `meta.json` (`dsfm.data.format`), checks
 that a blend's sources share one tokenizer and kind of data, fills `model.vocab_size` from
-the data when it is 0, checks that the packages the chosen sinks and kernels need are
-installed, and with `train.init_from` adopts the source checkpoint's architecture
-(`dsfm.train.checkpoint` reads its client state). Like `checks.check` it returns the
-problems rather than raising, with a new config; it changes nothing it was given.
+the data when it is 0 and `model.doc_mask` when it is None (on for chat data, whose
+`meta.json` has a loss mask; off for pretraining), checks that the packages the chosen
+sinks and kernels need are installed, and with `train.init_from` adopts the source
+checkpoint's architecture (`dsfm.train.checkpoint` reads its client state). Like
+`checks.check` it returns the problems rather than raising, with a new config; it changes
+nothing it was given.
 `load_resolved` loads and resolves a training config, and `resolve_configs` both configs of
 a run (with the DeepSpeed JSON), each reporting every problem in one `ConfigError`.
 """
@@ -72,8 +74,12 @@ def resolve(cfg: Config, world_size: int = 1, adopt: bool = True) -> tuple[Confi
     """`cfg` with the data's vocabulary and (with `adopt`) `train.init_from`'s model, and
     every problem found doing so; `cfg` itself is not changed."""
     p = _package_problems(cfg)
-    data_vocab = _data_vocab(cfg, p)
+    data_vocab, chat = _data_facts(cfg, p)
     model = cfg.model
+    if data_vocab and model.doc_mask is None:
+        # Chat windows pack unrelated conversations; pretraining stays off until a GPU
+        # benchmark shows document masking is not slower (benchmarks/throughput.py --doc-mask).
+        model = dataclasses.replace(model, doc_mask=chat)
     if data_vocab and model.vocab_size == 0:
         model = dataclasses.replace(model, vocab_size=data_vocab)
     elif model.vocab_size < data_vocab:
@@ -110,16 +116,17 @@ def _package_problems(cfg: Config) -> list[str]:
     return p
 
 
-def _data_vocab(cfg: Config, p: list[str]) -> int:
-    """The largest vocabulary of the datasets `cfg.data` names (0 after noting a problem);
-    a blend's sources must agree on what their token ids mean."""
+def _data_facts(cfg: Config, p: list[str]) -> tuple[int, bool]:
+    """The largest vocabulary of the datasets `cfg.data` names (0 after noting a problem)
+    and whether they are chat data (a loss mask); a blend's sources must agree on what
+    their token ids mean and on their kind."""
     d = cfg.data
     if not d.path and not d.mix:
         p.append(
             "data.path is not set (prepare a dataset with `dsfm prepare` and pass data.path=DIR, "
             "or blend several with data.mix)"
         )
-        return 0
+        return 0, False
     facts: dict[str, tuple] = {}
     for name, path, _ in d.sources():
         label = f"data.path={path}" if d.path else f"data.mix source {name!r} ({path or '?'})"
@@ -139,7 +146,7 @@ def _data_vocab(cfg: Config, p: list[str]) -> int:
             digest = tokenizer_digest(path)
         facts[name] = (*(meta.get(k) for k in SHARED_META), digest)
     if not facts:
-        return 0
+        return 0, False
     (first, ref), *rest = facts.items()
     for name, info in rest:
         diff = [f"{k} {a!r} vs {b!r}" for k, a, b in zip(SHARED_META, ref, info) if a != b]
@@ -151,16 +158,19 @@ def _data_vocab(cfg: Config, p: list[str]) -> int:
                 f"or data kinds ({'; '.join(diff[:3])}); prepare both with the same tokenizer "
                 "(dsfm prepare --tokenizer FILE)"
             )
-    return max(int(info[0]) for info in facts.values())
+    chat = any(bool(info[SHARED_META.index("loss_mask")]) for info in facts.values())
+    return max(int(info[0]) for info in facts.values()), chat
 
 
 def _adopt_init_model(cfg: Config) -> Config:
-    """With train.init_from the architecture is the source checkpoint's; only dropout is
-    ours, and the vocabulary grows to the data's when fine-tuning data added tokens (chat)."""
+    """With train.init_from the architecture is the source checkpoint's; only dropout and
+    doc_mask (how we train, not what the model is) are ours, and the vocabulary grows to
+    the data's when fine-tuning data added tokens (chat)."""
     src = from_dict(checkpoint.client_state(*checkpoint.resolve(cfg.train.init_from))["config"])
     model = dataclasses.replace(
         src.model,
         dropout=cfg.model.dropout,
+        doc_mask=cfg.model.doc_mask,
         vocab_size=max(src.model.vocab_size, cfg.model.vocab_size),
     )
     return dataclasses.replace(cfg, model=model)

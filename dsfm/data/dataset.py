@@ -15,6 +15,9 @@ Design choices:
   copy fails at start-up with the file's name instead of mid-run.
 - Pickling drops the memmap and reopens it, so a DataLoader worker gets a view of the
   file rather than a copy of the whole split.
+- For document-masked training (`model.doc_mask`) `doc_positions` gives each input token
+  its position within its document, from the window's tokens alone: a document starts
+  after each EOT. The model derives RoPE angles and the same-document mask from them.
 """
 
 from __future__ import annotations
@@ -141,3 +144,25 @@ def masked_labels(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
     targets = tokens[..., 1:]
     labels = torch.where(mask[..., 1:].bool(), targets, torch.full_like(targets, -100))
     return tokens[..., :-1], labels
+
+
+def doc_positions(input_ids: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """Each input token's position within its document, int64, shaped like `input_ids` (..., T).
+
+    A document starts at the window's first token and after every EOT (the EOT belongs to
+    the document it ends), so positions count 0, 1, 2, ... and restart at 0 there. The
+    window's first token usually continues a document begun before the window; it gets
+    position 0 all the same, since nothing before it is in the window to attend to.
+    """
+    ids = input_ids.numpy()  # a CPU batch, as inputs_and_labels returns it
+    T = ids.shape[-1]
+    if T == 0:
+        return torch.zeros(ids.shape, dtype=torch.int64)
+    ids = ids.reshape(-1, T)  # (B, T)
+    starts = np.empty(ids.shape, dtype=bool)
+    starts[:, 0] = True
+    starts[:, 1:] = ids[:, :-1] == eot_id
+    t = np.arange(T)
+    # index of the latest document start at or before each token
+    first = np.maximum.accumulate(np.where(starts, t, 0), axis=1)  # (B, T)
+    return torch.from_numpy(t - first).reshape(input_ids.shape)

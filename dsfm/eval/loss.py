@@ -10,6 +10,9 @@ Design choices:
   device and all-reduces them once; `mean_loss` and `evaluate_checkpoint` are views of it.
   Sums, not means of means, so the result does not depend on how samples are sharded.
   Labels the dataset masks out (-100: prompts in instruction data) count nowhere.
+- A model trained with document masking (`model.doc_mask`) is evaluated with it: the
+  same per-document positions (`dataset.doc_positions`) reach the forward, so val loss
+  measures what training optimised.
 - Bits per byte = total nats / ln 2 / total UTF-8 bytes of the targets. Unlike loss and
   perplexity it does not depend on the tokenizer, so models with different vocabularies
   compare on the same text. Special tokens (EOT, chat markers) stand for no text and count
@@ -33,7 +36,7 @@ import numpy as np
 import torch
 
 from dsfm.data.blend import BlendedDataset
-from dsfm.data.dataset import TokenDataset
+from dsfm.data.dataset import TokenDataset, doc_positions
 from dsfm.data.tokenizer import TOKENIZER_FILE, Tokenizer, tokenizer_file
 from dsfm.distributed.collectives import all_reduce_sum, rank_and_world
 from dsfm.interop.weights import load_model
@@ -64,11 +67,13 @@ def loss_totals(
     micro_batch_size: int,
     device: torch.device,
     byte_lengths: np.ndarray | None = None,
+    doc_mask: bool = False,
 ) -> tuple[float, int, int]:
     """(nats, target tokens, target bytes) summed over `indices` and all-reduced across ranks.
 
-    `forward(inputs, labels=labels)` returns the mean loss over labels != -100. Bytes are
-    0 unless `byte_lengths` (bytes per token id, see `token_byte_lengths`) is given.
+    `forward(inputs, labels=labels, positions=positions)` returns the mean loss over labels
+    != -100; positions are per document with `doc_mask`, else None. Bytes are 0 unless
+    `byte_lengths` (bytes per token id, see `token_byte_lengths`) is given.
     """
     total = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
     lengths = torch.from_numpy(byte_lengths) if byte_lengths is not None else None
@@ -77,7 +82,8 @@ def loss_totals(
         counted = labels != IGNORE_INDEX  # (B, T)
         n_tokens = int(counted.sum())
         n_bytes = int(lengths[labels.clamp(min=0)][counted].sum()) if lengths is not None else 0
-        loss = forward(inputs.to(device), labels=labels.to(device))
+        positions = doc_positions(inputs, dataset.eot_id).to(device) if doc_mask else None
+        loss = forward(inputs.to(device), labels=labels.to(device), positions=positions)
         # Accumulated on the device: no host sync per batch.
         total[0] += loss.detach().double() * n_tokens
         total[1] += n_tokens
@@ -92,9 +98,12 @@ def mean_loss(
     indices: list[int],
     micro_batch_size: int,
     device: torch.device,
+    doc_mask: bool = False,
 ) -> float:
     """Token-mean cross-entropy over `indices` on this rank, all-reduced across ranks."""
-    nats, tokens, _ = loss_totals(forward, dataset, indices, micro_batch_size, device)
+    nats, tokens, _ = loss_totals(
+        forward, dataset, indices, micro_batch_size, device, doc_mask=doc_mask
+    )
     return nats / tokens if tokens > 0 else float("nan")
 
 
@@ -114,6 +123,7 @@ def blend_val_metrics(
     rank: int,
     world_size: int,
     device: torch.device,
+    doc_mask: bool = False,
 ) -> dict[str, Any]:
     """`val_metrics` of a blend's first `n_samples` positions, plus `val_loss/<name>` per source.
 
@@ -127,7 +137,9 @@ def blend_val_metrics(
     for name, dataset, samples in zip(blend.names, blend.datasets, blend.by_source(positions)):
         n = len(samples) // world_size * world_size
         mine = samples[rank * n // world_size : (rank + 1) * n // world_size].tolist()
-        s_nats, s_tokens, _ = loss_totals(forward, dataset, mine, micro_batch_size, device)
+        s_nats, s_tokens, _ = loss_totals(
+            forward, dataset, mine, micro_batch_size, device, doc_mask=doc_mask
+        )
         per_source[f"val_loss/{name}"] = s_nats / s_tokens if s_tokens else float("nan")
         nats, tokens = nats + s_nats, tokens + s_tokens
     return {**val_metrics(nats / tokens if tokens else float("nan")), **per_source}
@@ -255,6 +267,7 @@ def evaluate_checkpoint(
         batch_size,
         device,
         byte_lengths=token_byte_lengths(tokenizer),
+        doc_mask=bool(model.cfg.doc_mask),  # as the checkpoint was trained
     )
     loss = nats / tokens if tokens else float("nan")
     return {

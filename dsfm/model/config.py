@@ -11,6 +11,9 @@ Design choices:
 - Two sizes are derived when left None: `n_kv_heads` (= n_heads) and `ffn_hidden` (SwiGLU's
   8/3 * d_model rounded up to a multiple of 64, which keeps its three matrices at the
   parameter count of a 4*d GELU MLP). `filled()` is the one place they are derived.
+- `doc_mask` is a training-time choice (how packed windows are attended), not part of the
+  architecture: the weights and the Hugging Face export are the same either way. Its
+  None is settled by the config's resolve step, which knows the data.
 - `problems()` states every rule the sizes obey (heads divide the width, an even head size
   for RoPE, ...) in the config's words; the config check reports them with the rest, and
   `checked()` refuses a config that breaks one, so no model is built from it.
@@ -57,6 +60,8 @@ class ModelConfig:
     "Fused ops: triton, torch, or auto (Triton on CUDA when installed, else PyTorch)."
     activation_checkpointing: bool = False
     "Recompute each block's activations in backward: less memory, about 1/3 more compute."
+    doc_mask: bool | None = None
+    "Attention and RoPE per packed document; None = on for chat data, off for pretraining."
 
     @property
     def head_dim(self) -> int:

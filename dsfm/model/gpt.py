@@ -17,6 +17,13 @@ Design choices:
   model in training. Without labels it returns the logits.
 - A preallocated `KVCache` serves sampling; positions start at `cache.length`, so a prompt
   prefill and one-token steps take the same path.
+- Document masking (`model.doc_mask`, training and evaluation of packed windows): given
+  `positions` (B, T), each token's position within its document, RoPE turns by them and
+  attention is causal within each document (query q sees keys q - positions[q] .. q), so
+  a packed window computes what each of its documents would alone. On CUDA the mask is a
+  FlexAttention BlockMask (fully masked blocks are skipped); elsewhere, and with attention
+  dropout (which flex lacks), SDPA takes a dense (B, 1, T, T) boolean mask, the
+  reference. Without `positions` nothing changes: plain causal SDPA.
 - The elementwise ops and the LM-head loss go through `dsfm.model.ops`, one function each
   with a Triton kernel and a PyTorch fallback; `cfg.kernels` picks per call (auto: Triton
   for CUDA tensors when installed). The fallbacks are the expressions this file always
@@ -38,6 +45,7 @@ Design choices:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 
@@ -49,6 +57,15 @@ from torch import nn
 from dsfm.model import ops
 from dsfm.model.config import ModelConfig
 from dsfm.model.sizes import flops_per_token
+
+try:  # torch >= 2.5
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - older torch: document masks stay dense (SDPA)
+    create_block_mask = flex_attention = None
+
+    class BlockMask:  # never built (use_flex is False); keeps isinstance checks valid
+        pass
+
 
 IGNORE_INDEX = -100
 
@@ -108,21 +125,79 @@ class RMSNorm(nn.Module):
 def rope_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (T, head_dim) in fp32 for the given integer positions."""
+    """cos/sin tables in fp32 for integer positions (T,) or (B, T): (T, hd) or (B, T, hd)."""
     inv_freq = 1.0 / (
         theta
         ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     )
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd): both halves rotate by the same angle
+    freqs = positions.float()[..., None] * inv_freq  # (..., T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, hd): both halves turn by one angle
     return emb.cos(), emb.sin()
 
 
 def apply_rope(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernels: str = "torch"
 ) -> torch.Tensor:
-    """Rotate x (B, H, T, hd) by the angles in cos/sin (T, hd); the multiply runs in x's dtype."""
-    return ops.apply_rope(x, cos, sin, ops.resolve(kernels, x))
+    """Rotate x (B, H, T, hd) by the angles in cos/sin: (T, hd) for the whole batch, or
+    (B, T, hd) per sample (document positions). The multiply runs in x's dtype."""
+    if cos.dim() == 2:
+        return ops.apply_rope(x, cos, sin, ops.resolve(kernels, x))
+    B, H, T, hd = x.shape
+    # The op takes one (T, hd) table: fold the batch into time. q and k are transposed
+    # views of (B, T, H, hd) memory, so the fold is a view, not a copy.
+    flat = x.transpose(1, 2).reshape(1, B * T, H, hd).transpose(1, 2)  # (1, H, B*T, hd)
+    cos, sin = cos.reshape(B * T, hd), sin.reshape(B * T, hd)
+    y = ops.apply_rope(flat, cos, sin, ops.resolve(kernels, x))  # (1, H, B*T, hd)
+    return y.transpose(1, 2).reshape(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+
+
+def use_flex(x: torch.Tensor, dropout: float) -> bool:
+    """FlexAttention for document masks on CUDA; the dense SDPA mask elsewhere and with
+    attention dropout, which flex_attention does not have."""
+    return flex_attention is not None and x.is_cuda and dropout == 0.0
+
+
+def doc_attention_mask(positions: torch.Tensor, flex: bool) -> torch.Tensor | BlockMask:
+    """Causal attention within each document, from document positions (B, T).
+
+    Query q sees key k when q - positions[q] <= k <= q: from the start of its own document
+    up to itself. Dense: a boolean (B, 1, T, T) mask for SDPA, True = attend. Flex: the
+    same predicate as a BlockMask.
+    """
+    B, T = positions.shape
+    idx = torch.arange(T, device=positions.device)
+    start = idx - positions  # (B, T): where each token's document begins in the window
+    if flex:
+        # Built outside any compiled graph (a graph break under train.compile): flex then
+        # gets the mask's tensors as inputs, the form inductor lowers.
+        return torch.compiler.disable(_flex_block_mask)(start)
+    causal = idx[None, :] <= idx[:, None]  # (T, T) [query, key]
+    same_doc = idx[None, None, :] >= start[:, :, None]  # (B, T, T)
+    return (causal & same_doc).unsqueeze(1)  # (B, 1, T, T)
+
+
+def _flex_block_mask(start: torch.Tensor) -> BlockMask:
+    B, T = start.shape
+
+    def same_doc_causal(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (kv_idx >= start[b, q_idx])
+
+    return _fused(create_block_mask, start)(same_doc_causal, B, None, T, T, device=start.device)
+
+
+def _fused(fn, x: torch.Tensor):
+    """`fn` compiled for CUDA tensors: eager flex_attention materialises the (T, T) scores
+    and eager create_block_mask the (B, T, T) mask, compiled each is fused. Inside a
+    compiled model (train.compile) `fn` itself, which the model's graph compiles; on CPU
+    (tests only) `fn` eagerly, the unfused reference."""
+    if x.is_cuda and not torch.compiler.is_compiling():
+        return _compiled(fn)
+    return fn
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)  # once per function, not per call
 
 
 class Attention(nn.Module):
@@ -146,6 +221,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: KVCache | None = None,
+        doc_mask: torch.Tensor | BlockMask | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         hd = self.head_dim
@@ -167,16 +243,23 @@ class Attention(nn.Module):
                 q_pos = torch.arange(past, past + T, device=x.device)
                 k_pos = torch.arange(past + T, device=x.device)
                 mask = k_pos[None, :] <= q_pos[:, None]  # (T, past + T), True = attend
+        if doc_mask is not None:  # never with a cache (GPT.forward refuses both)
+            mask, is_causal = doc_mask, False
 
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # (B, n_heads, T, hd)
+        if isinstance(mask, BlockMask):
+            y = _fused(flex_attention, q)(
+                q, k, v, block_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads
+            )  # (B, n_heads, T, hd)
+        else:
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=is_causal,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )  # (B, n_heads, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * hd)  # (B, T, n_heads * hd)
         return self.o_proj(y)
 
@@ -209,8 +292,10 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: KVCache | None = None,
+        doc_mask: torch.Tensor | BlockMask | None = None,
     ) -> torch.Tensor:
-        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache))
+        h = self.self_attn(self.input_layernorm(x), cos, sin, cache, doc_mask)
+        x = x + self.resid_dropout(h)
         x = x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
         return x
 
@@ -276,26 +361,44 @@ class GPT(nn.Module):
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Loss (scalar, mean over labels != -100) when `labels` is given, else logits (B, T, V).
 
         `labels[b, t]` is the target for position t (already shifted by the caller). With a
         `cache`, the inputs continue the cached sequence and their keys/values are appended.
+        `positions` (B, T) turns on document masking: each token's position within its
+        document, 0 where one starts (`dsfm.data.dataset.doc_positions`); RoPE uses them
+        and each token attends only to its own document's earlier tokens.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         self._check_inputs(input_ids, past, cache)
 
-        positions = torch.arange(past, past + T, device=input_ids.device)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)  # (T, hd)
+        doc_mask = None
+        if positions is None:
+            positions = torch.arange(past, past + T, device=input_ids.device)  # (T,)
+        else:
+            if cache is not None or positions.shape != input_ids.shape:
+                raise ValueError(
+                    f"positions must match input_ids {tuple(input_ids.shape)} and come without "
+                    f"a KV cache (document masking is for training and evaluation); got "
+                    f"{tuple(positions.shape)}{' with a cache' if cache is not None else ''}"
+                )
+            dropout = self.cfg.dropout if self.training else 0.0
+            doc_mask = doc_attention_mask(positions, flex=use_flex(positions, dropout))
+        # (T, hd), or (B, T, hd) per document
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
 
         x = self.embed_tokens(input_ids)  # (B, T, d)
         recompute = self.cfg.activation_checkpointing and self.training and cache is None
         for layer in self.layers:
             if recompute and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(
+                    layer, x, cos, sin, doc_mask=doc_mask, use_reentrant=False
+                )
             else:
-                x = layer(x, cos, sin, cache)
+                x = layer(x, cos, sin, cache, doc_mask)
         x = self.norm(x)
         if cache is not None:
             cache.advance(T)

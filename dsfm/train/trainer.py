@@ -38,6 +38,7 @@ from dsfm.config.load import find_recipe, load_config, to_dict
 from dsfm.config.resolve import resolve_configs
 from dsfm.config.schema import Config, ConfigError
 from dsfm.data.blend import BlendedDataset
+from dsfm.data.dataset import doc_positions
 from dsfm.data.format import fingerprint
 from dsfm.data.sampler import Sampler
 from dsfm.data.tokenizer import Tokenizer, copy_tokenizer, tokenizer_file
@@ -133,6 +134,7 @@ class Trainer:
             world=self.world,
             device=self.device,
             seed=t.seed,
+            doc_mask=bool(cfg.model.doc_mask),
         )
         self.counters = Counters()
         self.early = EarlyStopping(cfg.eval.patience, cfg.eval.min_delta)
@@ -211,7 +213,12 @@ class Trainer:
             x, y = self.train_data.inputs_and_labels(
                 indices[k * t.micro_batch_size : (k + 1) * t.micro_batch_size]
             )
-            loss = self.engine(x.to(self.device), labels=y.to(self.device))
+            positions = (  # per-document positions when training document-masked
+                doc_positions(x, self.train_data.eot_id).to(self.device)
+                if self.cfg.model.doc_mask
+                else None
+            )
+            loss = self.engine(x.to(self.device), labels=y.to(self.device), positions=positions)
             if (factor := faults.loss_factor(step, self.rank)) != 1.0:
                 loss = loss * factor
             loss_sum += loss.detach().double()

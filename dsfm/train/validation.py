@@ -9,6 +9,7 @@ Design choices:
 - Generations use their own seeded generator (`dsfm.eval.generate`), never the global RNG,
   so an exact resume is not disturbed by evals.
 - `due(step, last)` decides when to validate, so the training loop only asks.
+- A document-masked model (`model.doc_mask`) is validated with the same masking.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ class Validator:
         world: int,
         device: torch.device,
         seed: int,
+        doc_mask: bool = False,
     ):
         self.cfg, self.data, self.tokenizer, self.chat = cfg, data, tokenizer, chat
+        self.doc_mask = doc_mask
         self.micro, self.rank, self.world, self.device, self.seed = (
             micro_batch_size,
             rank,
@@ -60,10 +63,20 @@ class Validator:
         n_samples = self.cfg.batches * self.micro * self.world
         if isinstance(self.data, BlendedDataset):
             return blend_val_metrics(
-                forward, self.data, n_samples, self.micro, self.rank, self.world, self.device
+                forward,
+                self.data,
+                n_samples,
+                self.micro,
+                self.rank,
+                self.world,
+                self.device,
+                doc_mask=self.doc_mask,
             )
         indices = eval_indices(self.data, n_samples, self.rank, self.world)
-        return val_metrics(mean_loss(forward, self.data, indices, self.micro, self.device))
+        loss = mean_loss(
+            forward, self.data, indices, self.micro, self.device, doc_mask=self.doc_mask
+        )
+        return val_metrics(loss)
 
     def samples(self, model: torch.nn.Module, step: int) -> list[dict[str, Any]]:
         """One generation per `eval.prompts` entry, as rows for samples.jsonl."""

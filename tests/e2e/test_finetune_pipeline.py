@@ -97,6 +97,10 @@ def test_lora_sft_trains_adapters_and_learns(pipeline):
     state = json.loads((pipeline["sft"] / "checkpoints" / "final" / "dsfm_state.json").read_text())
     assert state["config"]["lora"]["rank"] == 8
     assert state["config"]["model"]["vocab_size"] == 2048 + 4  # chat tokens: embeddings grew
+    # Chat data trains document-masked by default, though the base (text data) did not.
+    base = json.loads((pipeline["base"] / "checkpoints" / "final" / "dsfm_state.json").read_text())
+    assert base["config"]["model"]["doc_mask"] is False
+    assert state["config"]["model"]["doc_mask"] is True
     samples = (pipeline["sft"] / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 2 and json.loads(samples[0])["prompt"] == "What does the os module do?"
 

@@ -36,6 +36,34 @@ def test_throughput_benchmark_runs_on_cpu(tmp_path):
     assert rows["torch-eager"]["ratio_to_baseline"] == 1.0
 
 
+def test_throughput_benchmark_measures_doc_mask_against_causal(tmp_path):
+    out = tmp_path / "throughput.json"
+    run_cmd(
+        [
+            sys.executable,
+            "benchmarks/throughput.py",
+            *("--no-compile", "--doc-mask", "--doc-len", "16", "--zero", "1"),
+            *("--steps", "1", "--warmup", "0", "--out", str(out)),
+        ],
+        timeout=300,
+    )
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert list(rows) == [
+        "torch-eager",
+        "torch-eager-docmask",
+        "zero1-torch",
+        "zero1-torch-docmask",
+    ]
+    for name, r in rows.items():
+        masked = name.endswith("-docmask")
+        assert r["doc_mask"] is masked
+        if masked:  # tokens/s over the causal twin's: the pretraining default's evidence
+            twin = rows[name.removesuffix("-docmask")]
+            assert r["ratio_to_causal"] == r["tokens_per_s"] / twin["tokens_per_s"]
+        else:
+            assert "ratio_to_causal" not in r
+
+
 def test_memory_benchmark_explains_that_it_needs_a_gpu():
     proc = run_cmd([sys.executable, str(ROOT / "benchmarks" / "memory.py")], check=False)
     assert proc.returncode != 0

@@ -63,6 +63,25 @@ def test_preset_fields_can_be_overridden_consistently(data_dir):
     assert (cfg.model.d_model, cfg.model.n_heads, cfg.model.n_kv_heads) == (512, 4, 4)
 
 
+@pytest.mark.parametrize(
+    "chat, override, expected",
+    [
+        (True, None, True),  # chat data: on by default
+        (False, None, False),  # pretraining: off by default (no GPU measurement yet)
+        (True, False, False),  # an explicit choice is kept either way
+        (False, True, True),
+    ],
+)
+def test_doc_mask_resolved_from_the_data_kind(data_dir, chat, override, expected):
+    if chat:
+        meta = json.loads((data_dir / "meta.json").read_text())
+        (data_dir / "meta.json").write_text(json.dumps({**meta, "loss_mask": True}))
+    overrides = [f"data.path={data_dir}"]
+    if override is not None:
+        overrides.append(f"model.doc_mask={str(override).lower()}")
+    assert load_resolved(None, overrides).model.doc_mask is expected
+
+
 def test_unknown_keys_suggest_and_all_problems_reported_together(tmp_path, data_dir):
     path = write(
         tmp_path,

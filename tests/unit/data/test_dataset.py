@@ -1,4 +1,5 @@
-"""TokenDataset: packed windows over a real prepared split, and clear errors on bad data."""
+"""TokenDataset: packed windows over a real prepared split, and clear errors on bad data;
+doc_positions: where documents start inside a window."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dsfm.data.dataset import TokenDataset
+from dsfm.data.dataset import TokenDataset, doc_positions
 from dsfm.data.format import read_meta
 from dsfm.data.prepare import prepare
 
@@ -105,3 +106,53 @@ def test_an_id_beyond_the_vocabulary_is_refused_naming_the_file(data_dir):
     assert x.max() < 257
     with pytest.raises(ValueError, match=r"train\.bin: a token id of sample 6 .* not below"):
         ds.inputs_and_labels([0, 6])
+
+
+# --- document positions (model.doc_mask) -------------------------------------------------
+
+E = 9  # the EOT id of the hand-written windows
+
+
+@pytest.mark.parametrize(
+    "window, expected",
+    [
+        # starts mid-document (position 0 all the same), several EOTs, two in a row (a
+        # document that is only its EOT)
+        ([5, 6, E, 7, 8, E, E, 1], [0, 1, 2, 0, 1, 2, 0, 0]),
+        ([1, 2, E], [0, 1, 2]),  # EOT at the end: it belongs to the document it ends
+        ([E, 3, 4], [0, 0, 1]),  # EOT first: the next token starts a document
+        ([3, 4, 5, 6], [0, 1, 2, 3]),  # no EOT: one document
+        ([E], [0]),
+    ],
+)
+def test_doc_positions_restart_after_each_eot(window, expected):
+    pos = doc_positions(torch.tensor([window]), E)
+    assert pos.dtype == torch.long
+    assert pos.tolist() == [expected]
+
+
+def test_doc_positions_per_row_and_any_leading_shape():
+    x = torch.tensor([[1, E, 2, 3], [4, 5, 6, E]])
+    assert doc_positions(x, E).tolist() == [[0, 1, 0, 1], [0, 1, 2, 3]]
+    assert doc_positions(x[0], E).tolist() == [0, 1, 0, 1]
+    assert doc_positions(torch.zeros(2, 0, dtype=torch.long), E).shape == (2, 0)
+
+
+def test_doc_positions_of_real_windows(tmp_path):
+    """Windows cut anywhere in a prepared stream of several documents: positions count from
+    the last EOT before each token, or from the window's start."""
+    for i, n in enumerate([5, 40, 3, 17, 60, 1]):
+        (tmp_path / f"doc{i}.txt").write_text("ab" * n)
+    out = tmp_path / "data"
+    prepare([str(tmp_path)], out, tokenizer="byte", val_fraction=0, progress=False)
+    for seq_len in (7, 32):
+        ds = TokenDataset(out, "train", seq_len)
+        x, _ = ds.inputs_and_labels(range(len(ds)))
+        pos = doc_positions(x, ds.eot_id)
+        for row, got in zip(x.tolist(), pos.tolist()):
+            expected, p = [], 0
+            for token in row:
+                expected.append(p)
+                p = 0 if token == ds.eot_id else p + 1
+            assert got == expected
+    assert (x[:, :-1] == ds.eot_id).any()  # some window holds a document boundary

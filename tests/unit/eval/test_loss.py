@@ -17,7 +17,7 @@ import torch
 
 from dsfm.config.load import load_config, to_dict
 from dsfm.data.corpus import stdlib_documents
-from dsfm.data.dataset import TokenDataset
+from dsfm.data.dataset import TokenDataset, doc_positions
 from dsfm.data.prepare import prepare
 from dsfm.data.tokenizer import Tokenizer, byte_tokenizer, train_bpe
 from dsfm.distributed.env import free_port
@@ -55,7 +55,13 @@ def ascii_data(tmp_path_factory) -> Path:
     return out
 
 
-def save_tiny(out: Path, tokenizer: Tokenizer, seed: int = 0) -> Path:
+def save_tiny(
+    out: Path,
+    tokenizer: Tokenizer,
+    seed: int = 0,
+    doc_mask: bool | None = None,
+    std: float = 0.1,
+) -> Path:
     cfg = load_config(
         None,
         [
@@ -68,11 +74,12 @@ def save_tiny(out: Path, tokenizer: Tokenizer, seed: int = 0) -> Path:
         ],
     )
     cfg.model.vocab_size = tokenizer.vocab_size
+    cfg.model.doc_mask = doc_mask
     torch.manual_seed(seed)
     model = GPT(cfg.model)
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0, 0.1)
+            p.normal_(0, std)
     tok_path = tokenizer.save(out.parent / f"{out.name}_tok")
     return save_plain(out, model.state_dict(), {"config": to_dict(cfg)}, tok_path)
 
@@ -151,6 +158,30 @@ def test_evaluate_checkpoint_deterministic_and_max_samples(byte_ckpt, ascii_data
     )
     with pytest.raises(ValueError, match="max_seq_len"):
         evaluate_checkpoint(byte_ckpt, ascii_data, seq_len=65)
+
+
+def test_doc_masked_checkpoint_is_evaluated_with_its_masking(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):  # short documents: every window holds boundaries
+        (src / f"d{i}.txt").write_text(f"document {i}: " + "xy" * (3 + 2 * i))
+    data = tmp_path / "docs"
+    prepare([str(src)], data, tokenizer="byte", val_fraction=0, progress=False)
+    # Same seed, same weights: only the trained-with masking differs. Large weights make
+    # attention far from uniform, so what a token may see visibly changes the loss.
+    masked_ckpt = save_tiny(tmp_path / "masked", byte_tokenizer(), doc_mask=True, std=0.3)
+    plain_ckpt = save_tiny(tmp_path / "plain", byte_tokenizer(), std=0.3)
+    masked = evaluate_checkpoint(masked_ckpt, data, split="train")
+    plain = evaluate_checkpoint(plain_ckpt, data, split="train")
+    model, _ = load_model(tmp_path / "masked")
+    ds = TokenDataset(data, "train", 32)
+    x, y = ds.inputs_and_labels(range(len(ds)))
+    with torch.no_grad():
+        per_document = model(x, labels=y, positions=doc_positions(x, ds.eot_id)).item()
+        causal = model(x, labels=y).item()
+    assert masked["loss"] == pytest.approx(per_document, rel=1e-6)
+    assert plain["loss"] == pytest.approx(causal, rel=1e-6)
+    assert abs(per_document - causal) > 1e-3  # vs the 1e-6 the comparisons above allow
 
 
 def test_vocab_mismatch_refused(tmp_path, byte_ckpt):
