@@ -40,7 +40,18 @@ TINY = [
 
 
 def job_env() -> dict[str, str]:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    """The environment of a job the tests start: CPU DeepSpeed, and this interpreter's bin
+    directory first on PATH, as in an activated venv. DeepSpeed JIT-builds its ops with the
+    `ninja` found there; two ninjas (the venv's and the system's) would each call the
+    other's build out of date and build it again (~30 s each time)."""
+    bin_dir = os.path.dirname(sys.executable)
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     return env
