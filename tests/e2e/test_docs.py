@@ -26,7 +26,7 @@ NOT_GUIDES = ("README.md", "architecture.md")  # the index and the design: no co
 FENCE = re.compile(r"^```bash(?P<tags>[^\n]*)\n(?P<body>.*?)^```", re.M | re.S)
 
 # What a tiny block's training commands get appended: the smallest model that still has every
-# part, fp32 (CPU DeepSpeed has no bf16 optimizer path), a handful of steps.
+# part, fp32 (the numbers the CPU tests compare exactly), a handful of steps.
 TINY_OVERRIDES = [
     "model.d_model=64",
     "model.n_heads=4",
