@@ -7,6 +7,8 @@ unset. Comma-separated `key=value` items:
                             replayed step numbers see fresh data, as the trainer intends
   spike_at=9                multiply the loss by 50 at this step
   hang_at=3                 sleep forever at the start of this step
+  step_s=0.3                every step takes at least 0.3 s longer: a window for tests that
+                            signal a running job (a fast CPU run may otherwise finish first)
   kill_at=6:PHASE           SIGKILL this process at step 6 in PHASE: step (mid-step, after the
                             first backward), save_shards (after the engine wrote its files,
                             before the tag is published), save_publish (rank 0 only:
@@ -37,7 +39,8 @@ def parse(spec: str | None) -> dict[str, str]:
     out = {}
     for item in spec.split(","):
         key, sep, value = item.partition("=")
-        if not sep or key not in ("nan_at", "spike_at", "hang_at", "kill_at", "enospc_at", "rank"):
+        known = ("nan_at", "spike_at", "hang_at", "step_s", "kill_at", "enospc_at", "rank")
+        if not sep or key not in known:
             raise ValueError(f"{ENV}: cannot read {item!r} (see dsfm/testing/faults.py)")
         out[key] = value
     return out
@@ -75,8 +78,13 @@ def loss_factor(step: int, rank: int) -> float:
     return 50.0 if _armed("spike_at", step, rank) else 1.0
 
 
-def maybe_hang(step: int, rank: int) -> None:
-    if FAULTS and _armed("hang_at", step, rank):
+def at_step_start(step: int, rank: int) -> None:
+    """hang_at and step_s."""
+    if not FAULTS:
+        return
+    if "step_s" in FAULTS:
+        time.sleep(float(FAULTS["step_s"]))
+    if _armed("hang_at", step, rank):
         while True:  # a collective that never returns, as far as the other ranks can tell
             time.sleep(3600)
 

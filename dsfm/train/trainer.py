@@ -205,7 +205,7 @@ class Trainer:
         start = time.perf_counter()
         step = self.counters.step + 1
         self._beat("step")
-        faults.maybe_hang(step, self.rank)
+        faults.at_step_start(step, self.rank)
         lr = self.engine.get_lr()[0]  # the LR this update will use (a host number)
         indices = self.sampler.next_indices()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)

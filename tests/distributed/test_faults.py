@@ -131,9 +131,12 @@ def rank_pid(run_dir: Path, rank: int) -> int | None:
 def signal_rank_after_progress(
     cmd: list[str], run_dir: Path, rank: int, sig: str, after_step: int, delay_s: float
 ) -> subprocess.CompletedProcess:
-    """Start a run, wait until it logged a step past `after_step`, then signal one rank."""
+    """Start a run, wait until it logged a step past `after_step`, then signal one rank. Each
+    step takes 0.3 s longer (DSFM_FAULT step_s), so the >= 2 steps left outlast the delay
+    (<= 0.5 s): the signal lands in a running job, not after it finished."""
+    env = {**job_env(), "DSFM_FAULT": "step_s=0.3"}
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     metrics = run_dir / "metrics.jsonl"
     old_rows = len(read_metrics(run_dir)) if metrics.is_file() else 0
