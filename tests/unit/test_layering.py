@@ -68,7 +68,7 @@ def test_no_import_cycles():
 # package -> the dsfm modules it may import besides its own
 ALLOWED = {
     "dsfm.model": [],
-    "dsfm.data": ["dsfm.atomic"],
+    "dsfm.data": ["dsfm.atomic", "dsfm.hub"],
     "dsfm.distributed": [],
     "dsfm.testing": [],
     # the formats a config names (datasets, checkpoints), read in the resolve step
@@ -79,7 +79,7 @@ ALLOWED = {
     # training's outputs are read through their formats, and ZeRO weights through the engine
     "dsfm.eval": ["dsfm.data", "dsfm.model", "dsfm.distributed", "dsfm.interop"]
     + ["dsfm.train.checkpoint"],
-    "dsfm.interop": ["dsfm.atomic", "dsfm.config", "dsfm.data.tokenizer", "dsfm.model"]
+    "dsfm.interop": ["dsfm.atomic", "dsfm.hub", "dsfm.config", "dsfm.data.tokenizer", "dsfm.model"]
     + ["dsfm.train.checkpoint", "dsfm.train.engine"],
 }
 
