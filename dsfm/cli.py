@@ -116,8 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
 
-    p = _verb(sub, "import", "turn a local Hugging Face Llama directory into a checkpoint")
-    p.add_argument("hf_dir", help="a Hugging Face model directory: config, safetensors, tokenizer")
+    p = _verb(sub, "import", "turn a Hugging Face Llama, Mistral or Qwen2 model into a checkpoint")
+    p.add_argument(
+        "name",
+        metavar="NAME_OR_DIR",
+        help="a hub id (org/name, read from the Hugging Face cache) or a model directory: "
+        "config.json, safetensors weights, tokenizer.json",
+    )
     p.add_argument("--out", required=True, help="output plain checkpoint directory")
 
     p = _verb(sub, "eval", "loss, perplexity and bits per byte on a prepared split")

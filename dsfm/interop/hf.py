@@ -42,8 +42,9 @@ from dsfm.atomic import refuse_existing, staged_dir
 from dsfm.config.load import from_dict, to_dict
 from dsfm.config.schema import Config, ConfigError
 from dsfm.data.tokenizer import EOT, TOKENIZER_FILE, Tokenizer, copy_tokenizer
+from dsfm.hub import local_path
 from dsfm.interop.weights import check_weights, expected_shapes, load_weights, save_plain
-from dsfm.model.config import ModelConfig
+from dsfm.model.config import ROPE_SCALINGS, ModelConfig
 from dsfm.train import checkpoint
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -52,6 +53,17 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 HF_PREFIX = "model."
 HF_CONFIG = "config.json"
+# model_type -> the causal-LM class transformers builds for it (dsfm's `model.family`)
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+SUPPORTED = (
+    "supported: model_type llama (Llama 1-3.x, SmolLM2; rope_scaling none, linear or llama3), "
+    "mistral and qwen2 (Qwen2/2.5), dense (no mixture of experts), SiLU MLP, "
+    "head_dim = hidden_size / num_attention_heads"
+)
 GENERATION_CONFIG = "generation_config.json"
 
 
@@ -64,10 +76,12 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 def hf_config(cfg: ModelConfig, eot_id: int, dtype: str) -> dict[str, Any]:
-    """config.json of the `LlamaForCausalLM` that computes what a GPT of `cfg` computes."""
+    """config.json of the Hugging Face model (`cfg.family`: Llama, Mistral or Qwen2) that
+    computes what a GPT of `cfg` computes."""
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [ARCHITECTURES[cfg.family]],
+        "model_type": cfg.family,
+        **_family_fields(cfg),
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.ffn_hidden,
@@ -78,13 +92,12 @@ def hf_config(cfg: ModelConfig, eot_id: int, dtype: str) -> dict[str, Any]:
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
-        # Top-level rope_theta: transformers 4.x reads it and 5.x still accepts it.
+        # Top-level rope_theta and rope_scaling: transformers 4.x reads them and 5.x still
+        # accepts them (it folds them into rope_parameters).
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": _rope_scaling(cfg),
         "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
         "initializer_range": cfg.init_std,
         "bos_token_id": eot_id,
         "eos_token_id": eot_id,
@@ -92,6 +105,28 @@ def hf_config(cfg: ModelConfig, eot_id: int, dtype: str) -> dict[str, Any]:
         "use_cache": True,
         "torch_dtype": HF_DTYPE_NAMES[dtype],
     }
+
+
+def _family_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """The config.json fields one family has and the others lack, set to what we compute."""
+    if cfg.family == "llama":
+        return {"attention_bias": False, "mlp_bias": False}
+    if cfg.family == "mistral":
+        return {"sliding_window": None}  # attention over the whole context
+    return {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}
+
+
+def _rope_scaling(cfg: ModelConfig) -> dict[str, Any] | None:
+    if cfg.rope_scaling is None:
+        return None
+    scaling = {"rope_type": cfg.rope_scaling, "factor": cfg.rope_factor}
+    if cfg.rope_scaling == "llama3":
+        scaling.update(
+            low_freq_factor=cfg.rope_low_freq_factor,
+            high_freq_factor=cfg.rope_high_freq_factor,
+            original_max_position_embeddings=cfg.rope_original_max_len,
+        )
+    return scaling
 
 
 def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
@@ -234,30 +269,64 @@ def _hf_name(name: str) -> str:
 # Import
 
 
-def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    """A full dsfm config dict (defaults + the model section) for an HF Llama config.json.
+def _rope_from_hf(hf: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """dsfm's RoPE fields from transformers 4.x (`rope_theta`, `rope_scaling`) or 5.x
+    (`rope_parameters`) spelling."""
+    params = hf.get("rope_parameters") or {}
+    theta = float(hf.get("rope_theta", params.get("rope_theta", 10000.0)))
+    params = hf.get("rope_scaling") or params  # a 4.x rope_scaling wins over 5.x defaults
+    kind = params.get("rope_type", params.get("type", "default"))
+    fields: dict[str, Any] = {"rope_theta": theta}
+    if kind == "default":
+        return fields
+    if kind not in ROPE_SCALINGS:
+        problems.append(f"RoPE scaling type {kind!r} (we do none, {', '.join(ROPE_SCALINGS)})")
+        return fields
+    fields.update(rope_scaling=kind, rope_factor=float(params.get("factor", 1.0)))
+    if kind == "llama3":
+        fields.update(
+            rope_low_freq_factor=float(params["low_freq_factor"]),
+            rope_high_freq_factor=float(params["high_freq_factor"]),
+            rope_original_max_len=int(params["original_max_position_embeddings"]),
+        )
+    return fields
 
-    Raises ValueError naming every field our model cannot reproduce exactly.
+
+def _attention_window(hf: dict[str, Any]) -> int | None:
+    """The sliding attention window when any layer uses one (Mistral v0.1, Qwen2 with
+    `use_sliding_window`), else None."""
+    window = hf.get("sliding_window")
+    if hf.get("model_type") == "qwen2" and not hf.get("use_sliding_window"):
+        return None
+    return int(window) if window else None
+
+
+def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """A full dsfm config dict (defaults + the model section) for a Hugging Face config.json
+    of a Llama, Mistral or Qwen2 model.
+
+    Raises ValueError naming every field our model cannot reproduce exactly, and what is
+    supported. A sliding attention window shorter than the context caps `max_seq_len` at the
+    window: within it, windowed and full attention are the same computation.
     """
     problems = []
     model_type = hf.get("model_type")
-    if model_type != "llama":
-        problems.append(f"model_type={model_type!r} (only 'llama' is supported)")
-    archs = hf.get("architectures") or ["LlamaForCausalLM"]
-    if "LlamaForCausalLM" not in archs:
-        problems.append(f"architectures={archs} (need LlamaForCausalLM)")
-    if hf.get("rope_scaling"):
-        problems.append(f"rope_scaling={hf['rope_scaling']!r} (only plain RoPE is supported)")
-    rope = hf.get("rope_parameters") or {}  # transformers 5.x keeps theta and scaling here
-    if rope.get("rope_type", "default") != "default":
-        problems.append(
-            f"rope_parameters.rope_type={rope['rope_type']!r} (only plain RoPE is supported)"
-        )
+    if model_type not in ARCHITECTURES:
+        problems.append(f"model_type={model_type!r}")
+    else:
+        archs = hf.get("architectures") or [ARCHITECTURES[model_type]]
+        if ARCHITECTURES[model_type] not in archs:
+            problems.append(f"architectures={archs} (need {ARCHITECTURES[model_type]})")
+    experts = [k for k in ("num_local_experts", "num_experts", "n_routed_experts") if hf.get(k)]
+    if experts:
+        problems.append(f"{experts[0]}={hf[experts[0]]} (a mixture of experts)")
+    rope = _rope_from_hf(hf, problems)
+    # Qwen2's q/k/v biases come with the family; Llama's flags would add o_proj/MLP biases.
     for bias in ("attention_bias", "mlp_bias"):
         if hf.get(bias):
-            problems.append(f"{bias}=true (dsfm's Llama has no biases)")
+            problems.append(f"{bias}=true (biases beyond Qwen2's q/k/v)")
     if hf.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act={hf['hidden_act']!r} (only silu is supported)")
+        problems.append(f"hidden_act={hf['hidden_act']!r}")
     required = (
         "vocab_size",
         "hidden_size",
@@ -277,12 +346,16 @@ def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
                 "(dsfm derives the head size from the width)"
             )
     if problems:
-        raise ValueError("unsupported Hugging Face config: " + "; ".join(problems))
+        raise ValueError(f"unsupported Hugging Face config: {'; '.join(problems)} ({SUPPORTED})")
 
     d = to_dict(Config())
     max_seq_len = int(hf.get("max_position_embeddings", 2048))
+    window = _attention_window(hf)
+    if window is not None:
+        max_seq_len = min(max_seq_len, window)
     d["model"].update(
         preset=None,
+        family=model_type,
         vocab_size=hf["vocab_size"],
         n_layers=hf["num_hidden_layers"],
         d_model=hf["hidden_size"],
@@ -290,11 +363,11 @@ def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         ffn_hidden=hf["intermediate_size"],
         max_seq_len=max_seq_len,
-        rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         dropout=0.0,
         init_std=float(hf.get("initializer_range", 0.02)),
+        **rope,
     )
     # The training default must fit the imported context; fine-tuning configs override it.
     d["train"]["seq_len"] = min(d["train"]["seq_len"], max_seq_len)
@@ -351,16 +424,17 @@ def _grow_vocab(weights: dict[str, torch.Tensor], new_size: int) -> None:
             weights[name] = torch.cat([w, extra])
 
 
-def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
-    """A local Hugging Face Llama directory -> a plain dsfm checkpoint at `out_dir`.
+def import_hf(name: str | Path, out_dir: str | Path) -> Path:
+    """A Hugging Face model (a local directory, or a hub id resolved through the HF cache by
+    `dsfm.hub.local_path`) -> a plain dsfm checkpoint at `out_dir`.
 
     Needs config.json, safetensors weights (one file, or shards with an index) and a
     tokenizer.json. If the tokenizer lacks "<|endoftext|>" it is added as a special token
     (dsfm's document separator), growing the vocabulary by one row when needed.
     """
-    src = Path(hf_dir)
     out = Path(out_dir)
     refuse_existing(out)
+    src = local_path(str(name))
     config_file = src / HF_CONFIG
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found; is {src} a Hugging Face model dir?")
@@ -370,7 +444,8 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
             f"{src} has no {TOKENIZER_FILE}: dsfm needs the fast-tokenizer file (load the "
             "tokenizer with transformers and `save_pretrained` it to write one)"
         )
-    config = config_from_hf(json.loads(config_file.read_text()))
+    hf = json.loads(config_file.read_text())
+    config = config_from_hf(hf)
     m = config["model"]
 
     import tokenizers
@@ -392,6 +467,12 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     check_weights(weights, from_dict(config).model, str(src))
 
     state = {"config": config, "step": 0, "imported_from": str(src.resolve())}
+    if m["max_seq_len"] < hf.get("max_position_embeddings", m["max_seq_len"]):
+        state["notes"] = [
+            f"max_seq_len is {m['max_seq_len']}, the sliding attention window, not "
+            f"max_position_embeddings={hf['max_position_embeddings']}: dsfm attends to the "
+            "whole context, which equals windowed attention up to the window"
+        ]
     if not added_eot:
         Tokenizer.load(tok_file)  # fail here, not at first use, if dsfm cannot read it
         return save_plain(out, weights, state, tok_file)  # byte-identical copy
@@ -408,7 +489,9 @@ def export_command(checkpoint_path: str, out: str, dtype: str) -> int:
     return 0
 
 
-def import_command(hf_dir: str, out: str) -> int:
-    path = import_hf(hf_dir, out)
+def import_command(name: str, out: str) -> int:
+    path = import_hf(name, out)
+    for note in checkpoint.client_state(*checkpoint.resolve(path)).get("notes", []):
+        print(f"note: {note}")
     print(f"wrote {path}: start from it with train.init_from={path}")
     return 0

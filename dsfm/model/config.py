@@ -25,6 +25,10 @@ import dataclasses
 from dataclasses import dataclass, field
 
 KERNELS = ("auto", "triton", "torch")
+# Hugging Face families whose blocks the model computes: llama and mistral are the same
+# network under two names; qwen2 adds biases to the q/k/v projections.
+FAMILIES = ("llama", "mistral", "qwen2")
+ROPE_SCALINGS = ("linear", "llama3")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -48,10 +52,22 @@ class ModelConfig:
     "Longest sequence the model accepts (RoPE table size)."
     rope_theta: float = 10000.0
     "RoPE base frequency."
+    rope_scaling: str | None = None
+    "RoPE frequency rescaling for longer contexts: None, linear, or llama3 (Llama 3.1+)."
+    rope_factor: float = 1.0
+    "rope_scaling's factor: how many times longer the context is than the original."
+    rope_low_freq_factor: float = 1.0
+    "llama3 scaling: wavelengths above original_len / this are divided by rope_factor."
+    rope_high_freq_factor: float = 4.0
+    "llama3 scaling: wavelengths below original_len / this are kept; between, blended."
+    rope_original_max_len: int = 8192
+    "llama3 scaling: the context length the unscaled frequencies were trained at."
     norm_eps: float = 1e-5
     "RMSNorm epsilon."
     tie_embeddings: bool = False
     "Share the token embedding with the LM head."
+    family: str = "llama"
+    "Hugging Face family: llama, mistral (same network), qwen2 (adds q/k/v biases); export's type."
     dropout: float = 0.0
     "Dropout on attention probabilities and residual branches (0 for pretraining)."
     init_std: float = 0.02
@@ -66,6 +82,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Whether the q/k/v projections have biases (o_proj never has one)."""
+        return self.family == "qwen2"
 
     def filled(self) -> ModelConfig:
         """A copy with the derived sizes (n_kv_heads, ffn_hidden) filled in where None."""
@@ -100,6 +121,26 @@ class ModelConfig:
             p.append(f"model.kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if not 0.0 <= self.dropout < 1.0:
             p.append(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.family not in FAMILIES:
+            p.append(f"model.family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        if self.rope_scaling is not None:
+            if self.rope_scaling not in ROPE_SCALINGS:
+                p.append(
+                    f"model.rope_scaling must be null or one of {', '.join(ROPE_SCALINGS)}, "
+                    f"got {self.rope_scaling!r}"
+                )
+            if self.rope_factor < 1.0:
+                p.append(f"model.rope_factor must be >= 1, got {self.rope_factor}")
+            if self.rope_scaling == "llama3" and not (
+                0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+                and self.rope_original_max_len >= 1
+            ):
+                p.append(
+                    "llama3 RoPE scaling needs 0 < model.rope_low_freq_factor < "
+                    f"model.rope_high_freq_factor and model.rope_original_max_len >= 1; got "
+                    f"{self.rope_low_freq_factor}, {self.rope_high_freq_factor}, "
+                    f"{self.rope_original_max_len}"
+                )
         return p
 
     def checked(self) -> ModelConfig:

@@ -5,11 +5,13 @@ Design choices:
   RMSNorm normalises in fp32 and casts back before the weight multiply, as HF Llama does,
   so bf16 training and an exported checkpoint compute the same thing.
 - Module names match Hugging Face `LlamaForCausalLM` (`embed_tokens`, `layers.N.self_attn.q_proj`,
-  ...), so export is a rename: prefix `model.` on everything but `lm_head`. No biases.
+  ...), so export is a rename: prefix `model.` on everything but `lm_head`. No biases, except
+  on q/k/v for the qwen2 family (`cfg.qkv_bias`), as Qwen2 has them; they start at zero.
 - RoPE uses HF's convention (rotate_half over the two halves of the head dim). cos/sin are
   computed in fp32 on every forward rather than stored: DeepSpeed casts every floating
   buffer to bf16, and bf16 angles are visibly wrong at long positions. The table is
-  T x head_dim/2 values, negligible next to the matmuls.
+  T x head_dim/2 values, negligible next to the matmuls. Scaled RoPE (`rope_scaling`:
+  linear, llama3) only changes the frequencies, so the RoPE kernels are untouched.
 - Grouped-query attention (`n_kv_heads` divides `n_heads`) goes straight to
   `F.scaled_dot_product_attention`, which picks FlashAttention on GPU when it can.
 - `forward` takes labels already aligned with the inputs (labels[t] is the target for
@@ -122,14 +124,38 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps, ops.resolve(self.kernels, x))
 
 
-def rope_cos_sin(
-    positions: torch.Tensor, head_dim: int, theta: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables in fp32 for integer positions (T,) or (B, T): (T, hd) or (B, T, hd)."""
+def rope_frequencies(
+    head_dim: int, theta: float, scaling: ModelConfig | None = None, device=None
+) -> torch.Tensor:
+    """The (head_dim/2,) fp32 rotation frequencies, rescaled as `scaling.rope_scaling` says."""
     inv_freq = 1.0 / (
-        theta
-        ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+        theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     )
+    kind = scaling.rope_scaling if scaling is not None else None
+    if kind == "linear":  # positions divided by the factor
+        return inv_freq / scaling.rope_factor
+    if kind != "llama3":
+        return inv_freq
+    # Llama 3.1: long wavelengths (low frequencies) slow down by the factor, short ones are
+    # kept, and the band between is blended linearly in original_len / wavelength.
+    factor = scaling.rope_factor
+    orig = scaling.rope_original_max_len
+    lo, hi = scaling.rope_low_freq_factor, scaling.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (orig / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > orig / lo, inv_freq / factor, inv_freq)
+    medium = (wavelen >= orig / hi) & (wavelen <= orig / lo)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, scaling: ModelConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables in fp32 for integer positions (T,) or (B, T): (T, hd) or (B, T, hd).
+
+    `scaling`: a model config whose `rope_scaling` fields rescale the frequencies."""
+    inv_freq = rope_frequencies(head_dim, theta, scaling, positions.device)
     freqs = positions.float()[..., None] * inv_freq  # (..., T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, hd): both halves turn by one angle
     return emb.cos(), emb.sin()
@@ -210,9 +236,10 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.kernels = cfg.kernels
         d, hd = cfg.d_model, cfg.head_dim
-        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        bias = cfg.qkv_bias
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
 
     def forward(
@@ -355,6 +382,8 @@ class GPT(nn.Module):
         if name.endswith(("o_proj", "down_proj")):
             std /= math.sqrt(2 * self.cfg.n_layers)
         module.weight.normal_(0.0, std, generator=g)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
 
     def forward(
         self,
@@ -388,7 +417,7 @@ class GPT(nn.Module):
             dropout = self.cfg.dropout if self.training else 0.0
             doc_mask = doc_attention_mask(positions, flex=use_flex(positions, dropout))
         # (T, hd), or (B, T, hd) per document
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg)
 
         x = self.embed_tokens(input_ids)  # (B, T, d)
         recompute = self.cfg.activation_checkpointing and self.training and cache is None

@@ -15,6 +15,8 @@ def block_params(cfg: ModelConfig) -> int:
     cfg = cfg.checked()
     d, hd = cfg.d_model, cfg.head_dim
     attn = d * cfg.n_heads * hd * 2 + d * cfg.n_kv_heads * hd * 2  # q, o + k, v
+    if cfg.qkv_bias:
+        attn += (cfg.n_heads + 2 * cfg.n_kv_heads) * hd
     mlp = 3 * d * cfg.ffn_hidden
     return attn + mlp + 2 * d
 

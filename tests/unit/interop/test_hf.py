@@ -273,9 +273,9 @@ BASE_HF = {
 @pytest.mark.parametrize(
     ("edit", "field"),
     [
-        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
-        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_type"),
-        ({"model_type": "mistral"}, "model_type"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "yarn"),
+        ({"model_type": "gemma"}, "model_type"),
         ({"attention_bias": True}, "attention_bias"),
         ({"mlp_bias": True}, "mlp_bias"),
         ({"head_dim": 32}, "head_dim"),
@@ -293,7 +293,7 @@ def test_import_refuses_rope_scaling_and_missing_tokenizer(tmp_path, tokenizer_p
     config_file = tmp_path / "hf" / "config.json"
     config = json.loads(config_file.read_text())
     config_file.write_text(json.dumps({**config, "rope_scaling": {"type": "dynamic", "factor": 4}}))
-    with pytest.raises(ValueError, match="unsupported Hugging Face config: rope_scaling"):
+    with pytest.raises(ValueError, match="unsupported Hugging Face config: RoPE scaling type"):
         import_hf(tmp_path / "hf", tmp_path / "plain")
     (tmp_path / "hf" / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):

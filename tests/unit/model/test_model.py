@@ -285,3 +285,44 @@ def test_init_does_not_depend_on_build_order():
     torch.manual_seed(4)
     other = GPT(tiny_cfg())
     assert not torch.equal(other.layers[0].mlp.up_proj.weight, a.layers[0].mlp.up_proj.weight)
+
+
+def test_qwen2_family_has_zero_started_qkv_biases_counted_by_sizes():
+    from dsfm.model import sizes
+
+    model = make_model(family="qwen2")
+    attn = model.layers[0].self_attn
+    assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in (attn.q_proj, attn.k_proj))
+    assert attn.v_proj.bias is not None and attn.o_proj.bias is None
+    assert model.layers[0].mlp.up_proj.bias is None
+    assert sizes.num_params(model.cfg) == model.num_params()
+    llama = make_model()
+    assert model.num_params() - llama.num_params() == model.cfg.n_layers * (
+        (model.cfg.n_heads + 2 * model.cfg.n_kv_heads) * model.cfg.head_dim
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"family": "gemma"}, "model.family must be one of llama, mistral, qwen2"),
+        ({"rope_scaling": "yarn"}, "model.rope_scaling must be null or one of linear, llama3"),
+        ({"rope_scaling": "linear", "rope_factor": 0.5}, "model.rope_factor must be >= 1"),
+        ({"rope_scaling": "llama3", "rope_low_freq_factor": 4.0}, "rope_low_freq_factor <"),
+    ],
+)
+def test_family_and_rope_scaling_rules(overrides, message):
+    assert message in "; ".join(tiny_cfg(**overrides).problems())
+    with pytest.raises(ValueError, match="invalid model config"):
+        GPT(tiny_cfg(**overrides))
+
+
+def test_linear_rope_scaling_is_positions_divided_by_the_factor():
+    from dsfm.model.gpt import rope_cos_sin
+
+    cfg = tiny_cfg(rope_scaling="linear", rope_factor=4.0)
+    pos = torch.arange(0, 32, 4)
+    scaled = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, cfg)
+    plain = rope_cos_sin(pos // 4, cfg.head_dim, cfg.rope_theta)
+    for a, b in zip(scaled, plain):
+        torch.testing.assert_close(a, b)

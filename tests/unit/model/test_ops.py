@@ -229,11 +229,17 @@ def _hidden(model: GPT, ids):
     return x
 
 
+# Qwen2's q/k/v biases and llama3-scaled RoPE frequencies take the same kernels.
+IMPORTED = {"family": "qwen2", "rope_scaling": "llama3", "rope_factor": 8.0}
+IMPORTED["rope_original_max_len"] = 4
+
+
 @needs_triton
-def test_model_triton_kernels_match_torch_kernels():
+@pytest.mark.parametrize("arch", [{}, IMPORTED], ids=["llama", "qwen2-llama3-rope"])
+def test_model_triton_kernels_match_torch_kernels(arch):
     ids, labels = _batch()
-    loss0, g0 = _loss_and_grads(_tiny(kernels="torch"), ids, labels)
-    loss1, g1 = _loss_and_grads(_tiny(kernels="triton"), ids, labels)
+    loss0, g0 = _loss_and_grads(_tiny(kernels="torch", **arch), ids, labels)
+    loss1, g1 = _loss_and_grads(_tiny(kernels="triton", **arch), ids, labels)
     torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-5)
     assert g0.keys() == g1.keys()
     for name in g0:
