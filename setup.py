@@ -23,11 +23,13 @@ setup(
         "data": ["pyarrow>=14", "zstandard>=0.22"],  # Parquet and .zst inputs to prepare
         "hf": ["datasets>=2.18"],                    # hf:NAME inputs to prepare
         "tensorboard": ["tensorboard>=2.14"],        # the TensorBoard metrics sink
+        "peft": ["peft>=0.13", "transformers>=4.45"],  # loading exported LoRA adapters
         "dev": [
             "pytest>=8",
             "pytest-timeout",
             "ruff",
             "transformers>=4.45",
+            "peft>=0.13",
             "pyarrow>=14",
             "zstandard>=0.22",
             "datasets>=2.18",

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output directory (must not exist)")
 
-    p = _verb(sub, "export", "write a Hugging Face Llama directory")
+    p = _verb(sub, "export", "write a Hugging Face model directory (or a PEFT adapter)")
     p.add_argument(
         "checkpoint_path",
         metavar="checkpoint",
@@ -115,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument(
+        "--adapter",
+        action="store_true",
+        help="write a LoRA run's adapters in PEFT's format (for its exported base model)",
+    )
 
     p = _verb(sub, "import", "turn a Hugging Face Llama, Mistral or Qwen2 model into a checkpoint")
     p.add_argument(

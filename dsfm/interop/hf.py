@@ -43,8 +43,16 @@ from dsfm.config.load import from_dict, to_dict
 from dsfm.config.schema import Config, ConfigError
 from dsfm.data.tokenizer import EOT, TOKENIZER_FILE, Tokenizer, copy_tokenizer
 from dsfm.hub import local_path
-from dsfm.interop.weights import check_weights, expected_shapes, load_weights, save_plain
+from dsfm.interop.adapter import write_adapter
+from dsfm.interop.weights import (
+    check_weights,
+    expected_shapes,
+    load_unmerged,
+    load_weights,
+    save_plain,
+)
 from dsfm.model.config import ROPE_SCALINGS, ModelConfig
+from dsfm.model.lora import LORA_PARAMS
 from dsfm.train import checkpoint
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -263,6 +271,60 @@ def export_hf(
 
 def _hf_name(name: str) -> str:
     return name if name.startswith("lm_head.") else HF_PREFIX + name
+
+
+def export_adapter(
+    checkpoint_path: str | Path, out_dir: str | Path, *, dtype: str = "bf16"
+) -> Path:
+    """A LoRA run's adapters as a PEFT adapter directory, with the run's tokenizer.
+
+    It applies to the exported base the run started from (`train.init_from`); when the run
+    grew the vocabulary, the embedding and LM head it trained in full go in too (see
+    `dsfm.interop.adapter`).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    out = Path(out_dir)
+    refuse_existing(out)
+    ckpt_dir, tag = checkpoint.resolve(checkpoint_path)
+    where = str(ckpt_dir / tag)
+    state = checkpoint.client_state(ckpt_dir, tag)
+    config = from_dict(state["config"])
+    if config.lora.rank < 1:
+        raise ValueError(
+            f"{where} has no LoRA adapters (lora.rank is 0); export it without --adapter"
+        )
+    grown = config.model.vocab_size > _base_vocab_size(config, where)
+    weights = load_unmerged(ckpt_dir, tag, state)
+    names = [k for k in weights if k.endswith(LORA_PARAMS)]
+    if not names:
+        raise ValueError(f"{where} holds no lora_A/lora_B tensors; export it without --adapter")
+    if grown:  # trained in full alongside the adapters (`dsfm.train.build`)
+        names += ["embed_tokens.weight"] + (
+            [] if config.model.tie_embeddings else ["lm_head.weight"]
+        )
+    tokenizer = Tokenizer.load(ckpt_dir / tag)
+    with staged_dir(out) as tmp:
+        tensors = {_hf_name(k): weights[k] for k in names}
+        write_adapter(tmp, tensors, state["config"]["lora"], None, DTYPES[dtype])
+        copy_tokenizer(ckpt_dir / tag, tmp)
+        for name, obj in _tokenizer_files(tokenizer, config.model.max_seq_len).items():
+            _write_json(tmp / name, obj)
+    return out
+
+
+def _base_vocab_size(config: Config, where: str) -> int:
+    """The vocabulary of the checkpoint a run started from (its own when none)."""
+    if config.train.init_from is None:
+        return config.model.vocab_size
+    try:
+        base = checkpoint.client_state(*checkpoint.resolve(config.train.init_from))
+    except (FileNotFoundError, ValueError) as e:
+        raise FileNotFoundError(
+            f"{where} started from {config.train.init_from}, which cannot be read ({e}); the "
+            "adapter applies to that base, so export needs it to know what the run changed"
+        ) from e
+    return base["config"]["model"]["vocab_size"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -484,8 +546,12 @@ def import_hf(name: str | Path, out_dir: str | Path) -> Path:
         return save_plain(out, weights, state, tok_path)
 
 
-def export_command(checkpoint_path: str, out: str, dtype: str) -> int:
-    print(f"wrote Hugging Face Llama directory {export_hf(checkpoint_path, out, dtype=dtype)}")
+def export_command(checkpoint_path: str, out: str, dtype: str, adapter: bool = False) -> int:
+    if adapter:
+        path = export_adapter(checkpoint_path, out, dtype=dtype)
+        print(f"wrote PEFT LoRA adapter {path}: load it onto the exported base model")
+        return 0
+    print(f"wrote Hugging Face model directory {export_hf(checkpoint_path, out, dtype=dtype)}")
     return 0
 
 

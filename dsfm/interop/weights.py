@@ -64,20 +64,24 @@ def save_plain(
 
 def load_weights(ckpt_dir: Path, tag: str, state: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a DeepSpeed tag (any ZeRO stage) or a plain checkpoint."""
-    plain = ckpt_dir / tag / PLAIN_WEIGHTS
-    if plain.is_file():
-        from safetensors.torch import load_file
-
-        weights = {k: v.float() for k, v in load_file(str(plain)).items()}
-    else:
-        from dsfm.config.deepspeed import zero_stage
-        from dsfm.train.engine import consolidated_state_dict
-
-        weights = consolidated_state_dict(ckpt_dir, tag, zero_stage(state["ds_config"]))
+    weights = load_unmerged(ckpt_dir, tag, state)
     lora = state["config"]["lora"]
     if lora["rank"] > 0:  # adapters folded in: callers always see plain Llama weights
         weights = merge_state_dict(weights, lora["alpha"] / lora["rank"])
     return weights
+
+
+def load_unmerged(ckpt_dir: Path, tag: str, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The fp32 tensors as stored: a LoRA run's adapters stay beside its base weights."""
+    plain = ckpt_dir / tag / PLAIN_WEIGHTS
+    if plain.is_file():
+        from safetensors.torch import load_file
+
+        return {k: v.float() for k, v in load_file(str(plain)).items()}
+    from dsfm.config.deepspeed import zero_stage
+    from dsfm.train.engine import consolidated_state_dict
+
+    return consolidated_state_dict(ckpt_dir, tag, zero_stage(state["ds_config"]))
 
 
 class TensorSource:

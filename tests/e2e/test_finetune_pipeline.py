@@ -165,6 +165,31 @@ def test_merge_export_matches_transformers_and_generates(pipeline):
     assert reply.returncode == 0
 
 
+def test_adapter_export_loads_in_peft_onto_the_exported_base(pipeline):
+    """The LoRA run (ZeRO-2 shards, vocabulary grown by the chat tokens) as a PEFT adapter
+    on the exported base computes what the merged model does."""
+    peft = pytest.importorskip("peft")
+    from dsfm.interop.weights import load_model
+
+    root = pipeline["root"]
+    dsfm("export", str(pipeline["base"]), "--out", str(root / "base_hf"), "--dtype", "fp32")
+    adapter = root / "adapter"
+    out = dsfm(
+        "export", str(pipeline["sft"]), "--adapter", "--out", str(adapter), "--dtype", "fp32"
+    )
+    assert "PEFT LoRA adapter" in out.stdout
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["peft_type"] == "LORA"
+    base = transformers.AutoModelForCausalLM.from_pretrained(root / "base_hf", dtype=torch.float32)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(adapter)
+    base.resize_token_embeddings(len(hf_tok))  # the run added chat tokens
+    model = peft.PeftModel.from_pretrained(base, adapter).eval()
+    merged, tok = load_model(pipeline["sft"])  # the run, adapters folded in
+    ids = torch.tensor([tok.encode("What is assert? The assert statement")])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, merged(ids), atol=1e-5, rtol=1e-5)
+
+
 def test_eval_and_import_round_trip(pipeline):
     root = pipeline["root"]
     if not (root / "hf").exists():
