@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "name",
         metavar="NAME_OR_DIR",
-        help="a hub id (org/name, read from the Hugging Face cache) or a model directory: "
-        "config.json, safetensors weights, tokenizer.json",
+        help="a hub id (org/name, read from the Hugging Face cache first) or a Hugging Face "
+        "model directory (safetensors weights and a fast tokenizer)",
     )
     p.add_argument("--out", required=True, help="output plain checkpoint directory")
 

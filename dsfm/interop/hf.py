@@ -1,8 +1,10 @@
-"""Hugging Face Llama export and import: dsfm checkpoints <-> `LlamaForCausalLM` directories.
+"""Hugging Face export and import: dsfm checkpoints <-> Llama, Mistral and Qwen2 directories.
 
 Design choices:
 - The model already uses HF Llama's module names and RoPE convention, so both directions
   are a rename (`model.` prefix on everything but `lm_head`) plus a config translation.
+  Mistral is the same network under its own name and Qwen2 adds q/k/v biases; the model's
+  `family` field says which config.json export writes, so a Qwen2 import exports as Qwen2.
   No transformers import is needed: config.json, tokenizer_config.json and
   generation_config.json are written by hand as JSON, and weights go through safetensors.
 - Export reads any checkpoint `weights.load_weights` reads (DeepSpeed tag of any ZeRO
@@ -11,19 +13,26 @@ Design choices:
   writes the tensors shard by shard, converting to the target dtype one shard at a time so
   peak memory is the fp32 weights plus one shard.
 - A tied LM head is omitted from the files (`tie_word_embeddings` tells HF to share it).
-- LoRA adapters are never exported unmerged: HF Llama has no place for them, and dropping
-  them would silently ship the base model. `weights.load_weights` folds them in when the
-  config says LoRA; leftover `lora_A`/`lora_B` tensors are refused ("run `dsfm merge`").
+- A model directory never holds unmerged LoRA adapters: HF has no place for them, and
+  dropping them would silently ship the base model. `weights.load_weights` folds them in
+  when the config says LoRA; leftover `lora_A`/`lora_B` tensors are refused ("run `dsfm
+  merge`"). `export_adapter` writes them alone in PEFT's format instead (`adapter.py`).
 - The tokenizer.json is copied byte for byte, so `AutoTokenizer` produces the ids the model
   was trained on. EOT is bos, eos and pad; no BOS is added (dsfm never trains with one).
   One difference remains by design: HF parses special tokens written literally in text
   (chat templates rely on it) where dsfm's encoder keeps "<|endoftext|>" in text as bytes.
-- Import accepts only what our model computes exactly: model_type "llama", plain RoPE (no
-  rope_scaling), no biases, head_dim = hidden / heads, SiLU. Anything else is a clear error
-  naming the field, never a silently different model. A tokenizer without
-  "<|endoftext|>" gets it added as a special token (dsfm separates documents with it); if
-  its id falls outside the embedding, the embedding and LM head grow by one row, set to the
-  mean of the existing rows, so every other token's logits are unchanged.
+- Import (a directory, or a hub id through the HF cache: `dsfm.hub.local_path`) accepts
+  only what our model computes exactly: model_type llama, mistral or qwen2; RoPE plain or
+  scaled `linear`/`llama3` (read from transformers 4.x `rope_scaling` or 5.x
+  `rope_parameters`); no biases beyond Qwen2's; head_dim = hidden / heads; SiLU; no
+  experts. Anything else is one error naming the fields and what is supported, never a
+  silently different model. A sliding window shorter than max_position_embeddings
+  (Mistral v0.1) caps max_seq_len at the window: up to it, full attention is windowed
+  attention, and longer inputs are refused rather than computed differently.
+- A tokenizer without "<|endoftext|>" gets it added as a special token (dsfm separates
+  documents with it); if its id falls outside the embedding, the embedding and LM head
+  grow by one row, set to the mean of the existing rows, so every other token's logits are
+  unchanged.
 - Both directions write to a temp directory and rename it (`dsfm.atomic`), and refuse an
   existing output before any work.
 """

@@ -131,3 +131,14 @@ def test_prepare_refuses_to_overwrite(byte_data):
     )
     assert out.returncode == 2 and "already exists" in out.stderr
     assert (byte_data / "meta.json").is_file()
+
+
+def test_import_of_an_uncached_hub_id_offline_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = dsfm("import", "org/not-cached", "--out", str(tmp_path / "ckpt"), check=False, timeout=60)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dsfm import: error: org/not-cached")
+    assert str(tmp_path / "hub") in lines[0] and "huggingface-cli download" in lines[0]
+    assert not (tmp_path / "ckpt").exists()

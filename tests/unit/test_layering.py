@@ -150,6 +150,8 @@ OWNERS = {
     "metrics.csv": {"dsfm.observe.rundir"},
     "model.safetensors": {"dsfm.interop.weights", "dsfm.interop.hf"},  # plain; HF's own
     "config.json": {"dsfm.interop.hf"},  # Hugging Face's
+    "adapter_config.json": {"dsfm.interop.adapter"},  # PEFT's
+    "adapter_model.safetensors": {"dsfm.interop.adapter"},
 }
 # plain words: owned where they name a path (`run / "checkpoints"`)
 PATH_WORDS = {"checkpoints": {"dsfm.observe.rundir"}, "latest": {"dsfm.train.checkpoint"}}
