@@ -198,3 +198,115 @@ def test_unsupported_configs_list_what_is_supported(edit, field):
     with pytest.raises(ValueError, match=field) as err:
         config_from_hf({**BASE, **edit})
     assert "supported: model_type llama" in str(err.value) and "qwen2" in str(err.value)
+
+
+def _published(model_type: str, arch: str, **fields) -> dict:
+    common = {"model_type": model_type, "architectures": [arch], "hidden_act": "silu"}
+    return {**common, "torch_dtype": "bfloat16", "use_cache": True, **fields}
+
+
+# The config.json fields of four hub models as published (transformers 4.x spelling), and
+# their parameter counts as the hub's safetensors metadata states them.
+PUBLISHED = {
+    "Qwen/Qwen2.5-0.5B": (
+        _published(
+            "qwen2",
+            "Qwen2ForCausalLM",
+            hidden_size=896,
+            intermediate_size=4864,
+            num_attention_heads=14,
+            num_hidden_layers=24,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            max_window_layers=24,
+            rms_norm_eps=1e-06,
+            rope_theta=1000000.0,
+            sliding_window=32768,
+            use_sliding_window=False,
+            tie_word_embeddings=True,
+            vocab_size=151936,
+        ),
+        494_032_768,
+    ),
+    "meta-llama/Llama-3.2-1B": (
+        _published(
+            "llama",
+            "LlamaForCausalLM",
+            attention_bias=False,
+            mlp_bias=False,
+            head_dim=64,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_attention_heads=32,
+            num_hidden_layers=16,
+            num_key_value_heads=8,
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-05,
+            rope_scaling={
+                "factor": 32.0,
+                "high_freq_factor": 4.0,
+                "low_freq_factor": 1.0,
+                "original_max_position_embeddings": 8192,
+                "rope_type": "llama3",
+            },
+            rope_theta=500000.0,
+            tie_word_embeddings=True,
+            vocab_size=128256,
+        ),
+        1_235_814_400,
+    ),
+    "mistralai/Mistral-7B-v0.1": (
+        _published(
+            "mistral",
+            "MistralForCausalLM",
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_attention_heads=32,
+            num_hidden_layers=32,
+            num_key_value_heads=8,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-05,
+            rope_theta=10000.0,
+            sliding_window=4096,
+            tie_word_embeddings=False,
+            vocab_size=32000,
+        ),
+        7_241_732_096,
+    ),
+    "HuggingFaceTB/SmolLM2-135M": (
+        _published(
+            "llama",
+            "LlamaForCausalLM",
+            hidden_size=576,
+            intermediate_size=1536,
+            num_attention_heads=9,
+            num_hidden_layers=30,
+            num_key_value_heads=3,
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-05,
+            rope_scaling=None,
+            rope_theta=100000,
+            tie_word_embeddings=True,
+            vocab_size=49152,
+        ),
+        134_515_008,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_configs_map_with_their_published_parameter_counts(name):
+    """The mapping reads real-world config.json files, and `dsfm plan`'s counts (biases
+    included) equal the published totals."""
+    hf, params = PUBLISHED[name]
+    cfg = from_dict(config_from_hf(hf)).model
+    assert cfg.family == hf["model_type"] and sizes.num_params(cfg) == params
+    assert cfg.rope_theta == hf["rope_theta"]
+    if hf.get("rope_scaling"):
+        assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_max_len) == (
+            "llama3",
+            32,
+            8192,
+        )
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+    assert cfg.max_seq_len == min(hf["max_position_embeddings"], window or 10**9)
