@@ -37,6 +37,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from dsfm.config.load import to_dict
 from dsfm.config.schema import Config, ConfigError
 from dsfm.distributed.env import print0
 from dsfm.observe.rundir import checkpoints_dir
@@ -61,6 +62,7 @@ MODEL_FIELDS_THAT_MUST_MATCH = (
     "n_kv_heads",
     "ffn_hidden",
     "tie_embeddings",
+    "family",  # qwen2 has bias tensors the others lack
 )
 
 
@@ -263,10 +265,12 @@ def check_resume_compatible(
     `checkpoint.allow_data_change=true` accepts that on purpose). `data` is this config's
     `dsfm.data.format.fingerprint`."""
     saved_cfg = saved["config"]
+    # A field newer than the checkpoint has its default there: what that model computed.
+    saved_model = {**to_dict(Config())["model"], **saved_cfg["model"]}
     model_diffs = [
-        f"model.{k}: checkpoint {saved_cfg['model'][k]!r} vs config {getattr(cfg.model, k)!r}"
+        f"model.{k}: checkpoint {saved_model[k]!r} vs config {getattr(cfg.model, k)!r}"
         for k in MODEL_FIELDS_THAT_MUST_MATCH
-        if saved_cfg["model"][k] != getattr(cfg.model, k)
+        if saved_model[k] != getattr(cfg.model, k)
     ]
     saved_rank = saved_cfg["lora"]["rank"]
     if saved_rank != cfg.lora.rank:

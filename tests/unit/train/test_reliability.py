@@ -82,6 +82,19 @@ def test_resume_check_names_model_tokenizer_and_dataset_fields(tmp_path):
         check_resume_compatible(saved, cfg, tmp_path, data_fingerprint([("d", str(new), 1.0)]))
 
 
+def test_resume_check_compares_the_family_and_reads_checkpoints_from_before_it(tmp_path):
+    data = make_data(tmp_path / "d")
+    cfg = Config(model=ModelConfig(vocab_size=257, n_layers=2, d_model=64, n_heads=4).filled())
+    cfg.data.path = str(data)
+    fingerprint = data_fingerprint([("d", str(data), 1.0)])
+    saved = {"config": to_dict(cfg), "data_fingerprint": fingerprint}
+    del saved["config"]["model"]["family"]  # written before the field existed: a llama
+    check_resume_compatible(saved, cfg, tmp_path, fingerprint)
+    cfg.model.family = "qwen2"  # bias tensors the checkpoint does not have
+    with pytest.raises(ConfigError, match="model.family: checkpoint 'llama' vs config 'qwen2'"):
+        check_resume_compatible(saved, cfg, tmp_path, fingerprint)
+
+
 def test_watchdog_reports_rank_phase_and_step_then_exits():
     code = textwrap.dedent(
         """
