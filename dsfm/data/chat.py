@@ -27,6 +27,12 @@ Design choices:
   vocabulary, the new rows starting at the mean of the old (`interop.weights.TensorSource`).
 - A chat dataset is the pretraining format plus `{split}.mask`, one uint8 per token
   (`format.py`); `prepare.prepare_chat` writes it, rendering each conversation here.
+- A tokenizer whose config has its own `chat_template` (an imported instruct model) is
+  rendered with that template instead (`model_template.py`), so the fine-tuned model
+  keeps speaking the format it was trained on; `render`, `render_prompt` and `prompt_ids`
+  choose by the tokenizer. dsfm's template goes out as Jinja too (`jinja_template`), so an
+  exported model's `apply_chat_template` gives the ids it was trained on.
+- A family that starts texts with BOS (`Tokenizer.add_bos`) gets it before a conversation.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from dataclasses import dataclass
 
 import tokenizers
 
+from dsfm.data import model_template
 from dsfm.data.tokenizer import Tokenizer
 
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -72,7 +79,7 @@ def add_chat_tokens(tokenizer: Tokenizer) -> Tokenizer:
             f"chat tokens got ids {ids}, not the next free ids from {n_before}: the tokenizer's "
             f"vocabulary has gaps, so the model's embedding could not simply grow to fit"
         )
-    return Tokenizer(hf)
+    return Tokenizer(hf, tokenizer.config)
 
 
 def chat_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
@@ -92,12 +99,38 @@ class Template:
     end_id: int
     newline: list[int]
     eot_id: int
+    bos: list[int]
 
     @classmethod
     def of(cls, tokenizer: Tokenizer) -> Template:
         ids = chat_token_ids(tokenizer)
         role_ids = {role: ids[token] for role, token in ROLE_TOKENS.items()}
-        return cls(role_ids, ids[END], tokenizer.encode("\n"), tokenizer.eot_id)
+        bos = [tokenizer.bos_id] if tokenizer.add_bos else []
+        return cls(role_ids, ids[END], tokenizer.encode("\n"), tokenizer.eot_id, bos)
+
+
+def jinja_template(tokenizer: Tokenizer) -> str:
+    """dsfm's template as the Jinja `chat_template` of a Hugging Face tokenizer config: it
+    renders the text whose tokens are `render` / `render_prompt`'s ids."""
+    role_check = " or ".join(f"message['role'] == '{role}'" for role in ROLE_TOKENS)
+    bos = "{{ bos_token }}" if tokenizer.add_bos else ""
+    return (
+        bos + "{% for message in messages %}"
+        f"{{% if not ({role_check}) %}}"
+        "{{ raise_exception('dsfm-v1 has no role ' + message['role']) }}{% endif %}"
+        f"{{{{ '<|' + message['role'] + '|>\\n' + message['content'] + '{END}\\n' }}}}"
+        "{% endfor %}"
+        f"{{% if add_generation_prompt %}}{{{{ '{ASSISTANT}\\n' }}}}"
+        f"{{% else %}}{{{{ '{tokenizer.token(tokenizer.eot_id)}' }}}}{{% endif %}}"
+    )
+
+
+def end_of_turn_id(tokenizer: Tokenizer) -> int | None:
+    """The token that closes an assistant turn: dsfm's END, the model template's own, or
+    None for a tokenizer that is not a chat tokenizer."""
+    if tokenizer.chat_template:
+        return model_template.end_of_turn_id(tokenizer)
+    return tokenizer.hf_tokenizer.token_to_id(END)
 
 
 # ---------------------------------------------------------------------------------------
@@ -156,8 +189,8 @@ def assemble(
     roles: Sequence[str], contents: Sequence[list[int]], template: Template
 ) -> tuple[list[int], list[int]]:
     """Token ids and loss mask from each message's role and encoded content."""
-    ids: list[int] = []
-    mask: list[int] = []
+    ids: list[int] = list(template.bos)
+    mask: list[int] = [0] * len(ids)
     for role, content in zip(roles, contents, strict=True):
         learn = int(role == "assistant")
         header = [template.role_ids[role], *template.newline]
@@ -171,6 +204,8 @@ def assemble(
 def render(messages: Sequence[dict], tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
     """Token ids of a conversation (EOT-terminated) and its 0/1 loss mask, same length."""
     check_messages(messages)
+    if tokenizer.chat_template:
+        return model_template.render(messages, tokenizer)
     contents = tokenizer.encode_batch([m["content"] for m in messages])
     return assemble([m["role"] for m in messages], contents, Template.of(tokenizer))
 
@@ -179,17 +214,22 @@ def prompt_ids(tokenizer: Tokenizer, text: str, *, chat: bool) -> tuple[list[int
     """(prompt ids, stop id) for sampling: a user turn of a chat model, stopping at END, or
     plain text continued until EOT."""
     if chat:
-        return render_prompt([{"role": "user", "content": text}], tokenizer), Template.of(
+        return render_prompt([{"role": "user", "content": text}], tokenizer), end_of_turn_id(
             tokenizer
-        ).end_id
+        )
     return tokenizer.encode(text) or [tokenizer.eot_id], tokenizer.eot_id
 
 
 def render_prompt(messages: Sequence[dict], tokenizer: Tokenizer) -> list[int]:
     """Ids to generate the next assistant turn from: the history, then `<|assistant|>\\n`.
 
-    Sample until END; the reply is the tokens before it.
+    Sample until END; the reply is the tokens before it. With the model's own template:
+    its generation prompt, sampled until its end of turn.
     """
+    if tokenizer.chat_template:
+        if messages:
+            check_messages(list(messages), require_assistant=False)
+        return model_template.render_prompt(messages, tokenizer)
     template = Template.of(tokenizer)
     ids: list[int] = []
     if messages:
@@ -197,4 +237,6 @@ def render_prompt(messages: Sequence[dict], tokenizer: Tokenizer) -> list[int]:
         contents = tokenizer.encode_batch([m["content"] for m in messages])
         ids, _ = assemble([m["role"] for m in messages], contents, template)
         ids.pop()  # the conversation goes on, so no EOT
+    else:
+        ids = list(template.bos)
     return ids + [template.role_ids["assistant"], *template.newline]
