@@ -1,7 +1,7 @@
 """The chat template of instruction data and its loss mask (`dsfm prepare --chat`, generation).
 
 Design choices:
-- Template "dsfm-v1". Each message renders as `ROLE + "\\n" + content + END + "\\n"` and a
+- Template "dsfm-v2". Each message renders as `ROLE + "\\n" + content + END + "\\n"` and a
   conversation ends with EOT:
 
       <|system|>\\nBe brief.<|end|>\\n<|user|>\\nHi<|end|>\\n<|assistant|>\\nHello!<|end|>\\n
@@ -16,12 +16,13 @@ Design choices:
   drives the conversation, never something the model has to choose.
 - `mask[t]` marks token `t` as a target. With the usual shift (`labels[t] = tokens[t+1]`)
   position `t` is trained when `mask[t+1]` is 1; `dataset.masked_labels` does that shift.
-- Ids are built per segment: role tokens and END by id, text through `Tokenizer.encode`,
-  which never produces a special id (a user who types "<|assistant|>" gets its bytes). So
-  the mask boundary falls exactly between segments with no offset mapping, and user text
-  cannot forge a turn. The price is that BPE cannot merge across a segment boundary
-  (template "\\n" + content that starts with "\\n"); training and `render_prompt` segment
-  identically, so the model sees one consistent tokenization.
+- Ids are built per piece: role tokens and END by id, the text between two of them
+  ("\\n" + content) through `Tokenizer.encode`, which never produces a special id (a user
+  who types "<|assistant|>" gets its bytes), so user text cannot forge a turn. A Hugging
+  Face tokenizer splits a rendered template at its special tokens and encodes the same
+  pieces, so the ids equal `apply_chat_template`'s (v1 encoded "\\n" and content apart,
+  which differs where BPE merges them). The mask boundary is after the tokens of "\\n"
+  alone; a token that merges it with the content's start counts as content.
 - Chat tokens are special tokens appended after the existing vocabulary, so every
   pretrained id keeps its meaning; a model fine-tuned on the data is built at its
   vocabulary, the new rows starting at the mean of the old (`interop.weights.TensorSource`).
@@ -48,7 +49,7 @@ from dsfm.data.tokenizer import Tokenizer
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 CHAT_TOKENS = (SYSTEM, USER, ASSISTANT, END)
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
-CHAT_TEMPLATE = "dsfm-v1"
+CHAT_TEMPLATE = "dsfm-v2"
 
 
 # ---------------------------------------------------------------------------------------
@@ -117,7 +118,7 @@ def jinja_template(tokenizer: Tokenizer) -> str:
     return (
         bos + "{% for message in messages %}"
         f"{{% if not ({role_check}) %}}"
-        "{{ raise_exception('dsfm-v1 has no role ' + message['role']) }}{% endif %}"
+        "{{ raise_exception('dsfm-v2 has no role ' + message['role']) }}{% endif %}"
         f"{{{{ '<|' + message['role'] + '|>\\n' + message['content'] + '{END}\\n' }}}}"
         "{% endfor %}"
         f"{{% if add_generation_prompt %}}{{{{ '{ASSISTANT}\\n' }}}}"
@@ -188,17 +189,24 @@ def parse_record(record: object) -> list[dict]:
 def assemble(
     roles: Sequence[str], contents: Sequence[list[int]], template: Template
 ) -> tuple[list[int], list[int]]:
-    """Token ids and loss mask from each message's role and encoded content."""
+    """Token ids and loss mask from each message's role and encoded "\\n" + content
+    (`encode_contents`)."""
     ids: list[int] = list(template.bos)
     mask: list[int] = [0] * len(ids)
     for role, content in zip(roles, contents, strict=True):
         learn = int(role == "assistant")
-        header = [template.role_ids[role], *template.newline]
-        ids += header + content + [template.end_id] + template.newline
-        mask += [0] * len(header) + [learn] * (len(content) + 1) + [0] * len(template.newline)
+        nl = template.newline
+        head = 1 + (len(nl) if content[: len(nl)] == nl else 0)  # role token and its "\n"
+        ids += [template.role_ids[role], *content, template.end_id, *nl]
+        mask += [0] * head + [learn] * (len(content) + 2 - head) + [0] * len(nl)
     ids.append(template.eot_id)
     mask.append(0)
     return ids, mask
+
+
+def encode_contents(tokenizer: Tokenizer, contents: list[str]) -> list[list[int]]:
+    """Each message's text piece: the "\\n" after its role token, then its content."""
+    return tokenizer.encode_batch(["\n" + c for c in contents])
 
 
 def render(messages: Sequence[dict], tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
@@ -206,7 +214,7 @@ def render(messages: Sequence[dict], tokenizer: Tokenizer) -> tuple[list[int], l
     check_messages(messages)
     if tokenizer.chat_template:
         return model_template.render(messages, tokenizer)
-    contents = tokenizer.encode_batch([m["content"] for m in messages])
+    contents = encode_contents(tokenizer, [m["content"] for m in messages])
     return assemble([m["role"] for m in messages], contents, Template.of(tokenizer))
 
 
@@ -234,7 +242,7 @@ def render_prompt(messages: Sequence[dict], tokenizer: Tokenizer) -> list[int]:
     ids: list[int] = []
     if messages:
         check_messages(list(messages), require_assistant=False)
-        contents = tokenizer.encode_batch([m["content"] for m in messages])
+        contents = encode_contents(tokenizer, [m["content"] for m in messages])
         ids, _ = assemble([m["role"] for m in messages], contents, template)
         ids.pop()  # the conversation goes on, so no EOT
     else:

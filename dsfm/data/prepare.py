@@ -38,6 +38,7 @@ from dsfm.data.chat import (
     add_chat_tokens,
     assemble,
     chat_token_ids,
+    encode_contents,
     end_of_turn_id,
     parse_record,
     render,
@@ -406,7 +407,7 @@ def _render_batch(batch: list[list[dict]], tokenizer: Tokenizer, assigner: Split
             n_tokens += len(ids)
         return n_tokens
     template = Template.of(tokenizer)
-    contents = tokenizer.encode_batch([m["content"] for messages in batch for m in messages])
+    contents = encode_contents(tokenizer, [m["content"] for messages in batch for m in messages])
     n_tokens = start = 0
     for messages in batch:
         end = start + len(messages)
