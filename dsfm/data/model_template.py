@@ -18,7 +18,8 @@ Design choices:
   tokens of the text before it stop agreeing with the whole: with specials and newlines at
   every boundary of the common templates that is exact; a token that straddles one (BPE
   merging a template "\\n" with content that starts with "\\n") counts as assistant.
-- A conversation ends with the tokenizer's document separator (mask 0), which must differ
+- A conversation ends with the tokenizer's document separator (mask 0; added unless the
+  template writes it, as dsfm's own does), which must differ
   from the end of turn: document masking restarts attention after every separator and
   would otherwise cut a conversation into turns.
 """
@@ -134,6 +135,8 @@ def render(messages: Sequence[dict], tokenizer: Tokenizer) -> tuple[list[int], l
         start_id = _boundary(tokenizer, full, len(before), ids)
         end_id = _boundary(tokenizer, full, end, ids)
         mask[start_id:end_id] = [1] * (end_id - start_id)
+    if ids and ids[-1] == tokenizer.eot_id:  # the template ends conversations itself
+        return ids, mask
     return ids + [tokenizer.eot_id], mask + [0]
 
 

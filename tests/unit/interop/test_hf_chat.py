@@ -138,3 +138,37 @@ def test_transformers_generate_stops_at_the_end_of_the_turn(tmp_path, dsfm_chat_
         # the weights do go on past END when END is not an eos: the stop above was END's
         on = model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=tok.eot_id)
         assert on[0, len(prompt) :].tolist()[:4] == [h, i, end, x]
+
+
+def test_an_imported_instruct_model_fine_tunes_with_its_own_template(tmp_path):
+    """`dsfm import` of a Llama 3 Instruct style model keeps its tokenizer's roles and
+    template (no token added), and `prepare --chat` from the checkpoint renders with it."""
+    from dsfm.data.prepare import prepare_chat
+    from dsfm.interop.hf import import_hf
+    from dsfm.train import checkpoint
+
+    src = families.llama3(tmp_path / "hf")
+    vocab = Tokenizer.load(src).vocab_size
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
+    transformers.LlamaForCausalLM(cfg).save_pretrained(src)
+    plain = import_hf(src, tmp_path / "plain")
+    tok = Tokenizer.load(plain)
+    assert tok.vocab_size == vocab and tok.chat_template == families.LLAMA3_TEMPLATE
+    assert "added_tokens" not in checkpoint.client_state(*checkpoint.resolve(plain))
+    chats = tmp_path / "chat.jsonl"
+    chats.write_text(json.dumps({"messages": CONVERSATION}) + "\n")
+    meta = prepare_chat([str(chats)], tmp_path / "sft", tokenizer=str(plain), progress=False)
+    assert meta["vocab_size"] == vocab and meta["chat_template"].startswith("jinja-")
+    assert meta["end_of_turn"] == tok.hf_tokenizer.token_to_id("<|eot_id|>")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(src)
+    assert render(CONVERSATION, Tokenizer.load(tmp_path / "sft"))[0][:-1] == hf_ids(
+        hf_tok, CONVERSATION
+    )
