@@ -16,6 +16,7 @@ setup(
         "rich>=13",
         "tokenizers>=0.19",
         "safetensors>=0.4",    # plain checkpoints and Hugging Face export
+        "jinja2>=3.1",         # a model's own chat template (torch depends on it already)
         "matplotlib>=3.7",     # dsfm plot dashboards
         "wandb>=0.16",         # the W&B metrics sink (log.sinks: [wandb]); offline mode works
     ],

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokenizer",
         default=None,
-        help="reuse a tokenizer (its file, or a directory holding one), or `byte`; "
+        help="reuse a tokenizer: its file, a directory holding one (with its config "
+        "files: BOS/EOS/template), a cached hub id org/name, or `byte`; "
         "default: train a BPE",
     )
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size")
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat",
         action="store_true",
         help="instruction data: JSONL of {messages: [...]} or {prompt, response}; "
-        "adds chat tokens to --tokenizer and a loss mask on assistant turns",
+        "rendered with --tokenizer's own chat_template if it has one, else dsfm's (chat "
+        "tokens added); a loss mask on assistant turns",
     )
 
     p = sub.add_parser("data", help="inspect (stats) or check (verify) a prepared dataset")

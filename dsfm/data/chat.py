@@ -1,7 +1,7 @@
 """The chat template of instruction data and its loss mask (`dsfm prepare --chat`, generation).
 
 Design choices:
-- Template "dsfm-v1". Each message renders as `ROLE + "\\n" + content + END + "\\n"` and a
+- Template "dsfm-v2". Each message renders as `ROLE + "\\n" + content + END + "\\n"` and a
   conversation ends with EOT:
 
       <|system|>\\nBe brief.<|end|>\\n<|user|>\\nHi<|end|>\\n<|assistant|>\\nHello!<|end|>\\n
@@ -16,17 +16,24 @@ Design choices:
   drives the conversation, never something the model has to choose.
 - `mask[t]` marks token `t` as a target. With the usual shift (`labels[t] = tokens[t+1]`)
   position `t` is trained when `mask[t+1]` is 1; `dataset.masked_labels` does that shift.
-- Ids are built per segment: role tokens and END by id, text through `Tokenizer.encode`,
-  which never produces a special id (a user who types "<|assistant|>" gets its bytes). So
-  the mask boundary falls exactly between segments with no offset mapping, and user text
-  cannot forge a turn. The price is that BPE cannot merge across a segment boundary
-  (template "\\n" + content that starts with "\\n"); training and `render_prompt` segment
-  identically, so the model sees one consistent tokenization.
+- Ids are built per piece: role tokens and END by id, the text between two of them
+  ("\\n" + content) through `Tokenizer.encode`, which never produces a special id (a user
+  who types "<|assistant|>" gets its bytes), so user text cannot forge a turn. A Hugging
+  Face tokenizer splits a rendered template at its special tokens and encodes the same
+  pieces, so the ids equal `apply_chat_template`'s (v1 encoded "\\n" and content apart,
+  which differs where BPE merges them). The mask boundary is after the tokens of "\\n"
+  alone; a token that merges it with the content's start counts as content.
 - Chat tokens are special tokens appended after the existing vocabulary, so every
   pretrained id keeps its meaning; a model fine-tuned on the data is built at its
   vocabulary, the new rows starting at the mean of the old (`interop.weights.TensorSource`).
 - A chat dataset is the pretraining format plus `{split}.mask`, one uint8 per token
   (`format.py`); `prepare.prepare_chat` writes it, rendering each conversation here.
+- A tokenizer whose config has its own `chat_template` (an imported instruct model) is
+  rendered with that template instead (`model_template.py`), so the fine-tuned model
+  keeps speaking the format it was trained on; `render`, `render_prompt` and `prompt_ids`
+  choose by the tokenizer. dsfm's template goes out as Jinja too (`jinja_template`), so an
+  exported model's `apply_chat_template` gives the ids it was trained on.
+- A family that starts texts with BOS (`Tokenizer.add_bos`) gets it before a conversation.
 """
 
 from __future__ import annotations
@@ -36,12 +43,13 @@ from dataclasses import dataclass
 
 import tokenizers
 
+from dsfm.data import model_template
 from dsfm.data.tokenizer import Tokenizer
 
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 CHAT_TOKENS = (SYSTEM, USER, ASSISTANT, END)
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
-CHAT_TEMPLATE = "dsfm-v1"
+CHAT_TEMPLATE = "dsfm-v2"
 
 
 # ---------------------------------------------------------------------------------------
@@ -72,7 +80,7 @@ def add_chat_tokens(tokenizer: Tokenizer) -> Tokenizer:
             f"chat tokens got ids {ids}, not the next free ids from {n_before}: the tokenizer's "
             f"vocabulary has gaps, so the model's embedding could not simply grow to fit"
         )
-    return Tokenizer(hf)
+    return Tokenizer(hf, tokenizer.config)
 
 
 def chat_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
@@ -92,12 +100,38 @@ class Template:
     end_id: int
     newline: list[int]
     eot_id: int
+    bos: list[int]
 
     @classmethod
     def of(cls, tokenizer: Tokenizer) -> Template:
         ids = chat_token_ids(tokenizer)
         role_ids = {role: ids[token] for role, token in ROLE_TOKENS.items()}
-        return cls(role_ids, ids[END], tokenizer.encode("\n"), tokenizer.eot_id)
+        bos = [tokenizer.bos_id] if tokenizer.add_bos else []
+        return cls(role_ids, ids[END], tokenizer.encode("\n"), tokenizer.eot_id, bos)
+
+
+def jinja_template(tokenizer: Tokenizer) -> str:
+    """dsfm's template as the Jinja `chat_template` of a Hugging Face tokenizer config: it
+    renders the text whose tokens are `render` / `render_prompt`'s ids."""
+    role_check = " or ".join(f"message['role'] == '{role}'" for role in ROLE_TOKENS)
+    bos = "{{ bos_token }}" if tokenizer.add_bos else ""
+    return (
+        bos + "{% for message in messages %}"
+        f"{{% if not ({role_check}) %}}"
+        "{{ raise_exception('dsfm-v2 has no role ' + message['role']) }}{% endif %}"
+        f"{{{{ '<|' + message['role'] + '|>\\n' + message['content'] + '{END}\\n' }}}}"
+        "{% endfor %}"
+        f"{{% if add_generation_prompt %}}{{{{ '{ASSISTANT}\\n' }}}}"
+        f"{{% else %}}{{{{ '{tokenizer.token(tokenizer.eot_id)}' }}}}{{% endif %}}"
+    )
+
+
+def end_of_turn_id(tokenizer: Tokenizer) -> int | None:
+    """The token that closes an assistant turn: dsfm's END, the model template's own, or
+    None for a tokenizer that is not a chat tokenizer."""
+    if tokenizer.chat_template:
+        return model_template.end_of_turn_id(tokenizer)
+    return tokenizer.hf_tokenizer.token_to_id(END)
 
 
 # ---------------------------------------------------------------------------------------
@@ -155,23 +189,32 @@ def parse_record(record: object) -> list[dict]:
 def assemble(
     roles: Sequence[str], contents: Sequence[list[int]], template: Template
 ) -> tuple[list[int], list[int]]:
-    """Token ids and loss mask from each message's role and encoded content."""
-    ids: list[int] = []
-    mask: list[int] = []
+    """Token ids and loss mask from each message's role and encoded "\\n" + content
+    (`encode_contents`)."""
+    ids: list[int] = list(template.bos)
+    mask: list[int] = [0] * len(ids)
     for role, content in zip(roles, contents, strict=True):
         learn = int(role == "assistant")
-        header = [template.role_ids[role], *template.newline]
-        ids += header + content + [template.end_id] + template.newline
-        mask += [0] * len(header) + [learn] * (len(content) + 1) + [0] * len(template.newline)
+        nl = template.newline
+        head = 1 + (len(nl) if content[: len(nl)] == nl else 0)  # role token and its "\n"
+        ids += [template.role_ids[role], *content, template.end_id, *nl]
+        mask += [0] * head + [learn] * (len(content) + 2 - head) + [0] * len(nl)
     ids.append(template.eot_id)
     mask.append(0)
     return ids, mask
 
 
+def encode_contents(tokenizer: Tokenizer, contents: list[str]) -> list[list[int]]:
+    """Each message's text piece: the "\\n" after its role token, then its content."""
+    return tokenizer.encode_batch(["\n" + c for c in contents])
+
+
 def render(messages: Sequence[dict], tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
     """Token ids of a conversation (EOT-terminated) and its 0/1 loss mask, same length."""
     check_messages(messages)
-    contents = tokenizer.encode_batch([m["content"] for m in messages])
+    if tokenizer.chat_template:
+        return model_template.render(messages, tokenizer)
+    contents = encode_contents(tokenizer, [m["content"] for m in messages])
     return assemble([m["role"] for m in messages], contents, Template.of(tokenizer))
 
 
@@ -179,22 +222,29 @@ def prompt_ids(tokenizer: Tokenizer, text: str, *, chat: bool) -> tuple[list[int
     """(prompt ids, stop id) for sampling: a user turn of a chat model, stopping at END, or
     plain text continued until EOT."""
     if chat:
-        return render_prompt([{"role": "user", "content": text}], tokenizer), Template.of(
+        return render_prompt([{"role": "user", "content": text}], tokenizer), end_of_turn_id(
             tokenizer
-        ).end_id
+        )
     return tokenizer.encode(text) or [tokenizer.eot_id], tokenizer.eot_id
 
 
 def render_prompt(messages: Sequence[dict], tokenizer: Tokenizer) -> list[int]:
     """Ids to generate the next assistant turn from: the history, then `<|assistant|>\\n`.
 
-    Sample until END; the reply is the tokens before it.
+    Sample until END; the reply is the tokens before it. With the model's own template:
+    its generation prompt, sampled until its end of turn.
     """
+    if tokenizer.chat_template:
+        if messages:
+            check_messages(list(messages), require_assistant=False)
+        return model_template.render_prompt(messages, tokenizer)
     template = Template.of(tokenizer)
     ids: list[int] = []
     if messages:
         check_messages(list(messages), require_assistant=False)
-        contents = tokenizer.encode_batch([m["content"] for m in messages])
+        contents = encode_contents(tokenizer, [m["content"] for m in messages])
         ids, _ = assemble([m["role"] for m in messages], contents, template)
         ids.pop()  # the conversation goes on, so no EOT
+    else:
+        ids = list(template.bos)
     return ids + [template.role_ids["assistant"], *template.newline]

@@ -6,8 +6,9 @@ Design choices:
 - `workers > 1` tokenizes batches in that many processes (one tokenizer thread each) while
   the caller reads, assigns splits and writes. Batches go out and come back in order, so
   the output is byte-identical whatever the worker count.
-- Every document ends with EOT, so documents can be packed back to back and the model
-  learns where they end.
+- Every document ends with the tokenizer's separator (EOT), so documents can be packed
+  back to back and the model learns where they end; it starts with BOS where the family
+  expects one (`Tokenizer.add_bos`: Llama yes, Qwen no), as the model saw in pretraining.
 """
 
 from __future__ import annotations
@@ -28,14 +29,17 @@ ENCODE_BATCH_DOCS = 4096
 
 
 def encode_docs(tokenizer: Tokenizer, dtype: np.dtype, batch: list[str]) -> tuple:
-    """A batch of documents as one flat token array (EOT after each) and their lengths."""
+    """A batch of documents as one flat token array ([BOS] doc EOT each) and their lengths."""
     ids = tokenizer.encode_batch(batch)
-    lengths = np.fromiter((len(d) + 1 for d in ids), dtype=np.int64, count=len(ids))
+    bos = int(tokenizer.add_bos)
+    lengths = np.fromiter((bos + len(d) + 1 for d in ids), dtype=np.int64, count=len(ids))
     flat = np.empty(int(lengths.sum()), dtype=dtype)
     ends = np.cumsum(lengths)
     flat[ends - 1] = tokenizer.eot_id
+    if bos:
+        flat[ends - lengths] = tokenizer.bos_id
     for doc, end, n in zip(ids, ends, lengths):
-        flat[end - n : end - 1] = doc
+        flat[end - n + bos : end - 1] = doc
     return flat, lengths
 
 
@@ -43,12 +47,12 @@ _worker_tokenizer: Tokenizer | None = None
 _worker_dtype: np.dtype | None = None
 
 
-def _init_worker(tokenizer_json: str, dtype: str) -> None:
+def _init_worker(tokenizer_json: str, config: dict, dtype: str) -> None:
     global _worker_tokenizer, _worker_dtype
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
     import tokenizers
 
-    _worker_tokenizer = Tokenizer(tokenizers.Tokenizer.from_str(tokenizer_json))
+    _worker_tokenizer = Tokenizer(tokenizers.Tokenizer.from_str(tokenizer_json), config)
     _worker_dtype = np.dtype(dtype)
 
 
@@ -78,7 +82,7 @@ class BatchEncoder:
                 workers,
                 mp_context=multiprocessing.get_context(method),
                 initializer=_init_worker,
-                initargs=(tokenizer.hf_tokenizer.to_str(), dtype.name),
+                initargs=(tokenizer.hf_tokenizer.to_str(), tokenizer.config, dtype.name),
             )
 
     def submit(self, batch: list[str]) -> Iterator[tuple]:

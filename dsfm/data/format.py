@@ -4,7 +4,8 @@
       meta.json          format version, vocabulary, dtype, per split its token and document
                          counts and shards (name, counts, sha256), the tokenizer's sha256,
                          the sources read (path, bytes, sha256); chat data: loss-mask facts
-      tokenizer.json     the tokenizer that produced the ids (`dsfm.data.tokenizer`)
+      tokenizer.json     the tokenizer that produced the ids (`dsfm.data.tokenizer`), and
+      tokenizer_config.json  beside it when the tokenizer is a model's (its BOS/EOS, template)
       {split}.bin        token ids back to back, uint16 below 65,536 ids, else uint32
       {split}.idx        int64 start offset of every document, n_docs + 1 entries
       {split}.mask       chat data: one uint8 per token, 1 where the loss counts
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from dsfm.data.tokenizer import Tokenizer, tokenizer_file
+from dsfm.data.tokenizer import Tokenizer, tokenizer_file, tokenizer_files
 
 FORMAT_VERSION = 2
 META_FILE = "meta.json"
@@ -76,8 +77,12 @@ def file_sha256(path: Path) -> str:
 
 
 def tokenizer_digest(data_dir: str | Path) -> str:
-    """sha256 of the directory's tokenizer file."""
-    return file_sha256(tokenizer_file(Path(data_dir)))
+    """sha256 of the directory's tokenizer file; with a tokenizer config beside it (the
+    roles of its special tokens, its chat template), sha256 of both files' hashes."""
+    files = tokenizer_files(Path(data_dir))
+    if len(files) == 1:
+        return file_sha256(files[0])
+    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import os
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,10 @@ from dsfm.data.chat import (
     add_chat_tokens,
     assemble,
     chat_token_ids,
+    encode_contents,
+    end_of_turn_id,
     parse_record,
+    render,
 )
 from dsfm.data.encode import ENCODE_BATCH_BYTES, ENCODE_BATCH_DOCS, BatchEncoder
 from dsfm.data.format import (
@@ -48,6 +52,7 @@ from dsfm.data.format import (
     token_dtype,
     write_meta,
 )
+from dsfm.data.model_template import check_template
 from dsfm.data.sources import (
     JSONL_SUFFIX,
     Source,
@@ -59,6 +64,7 @@ from dsfm.data.sources import (
 )
 from dsfm.data.tokenizer import TOKENIZER_FILE, Tokenizer, byte_tokenizer, train_bpe
 from dsfm.data.writers import MaskedSplitWriter, ShardedSplitWriter, SplitAssigner
+from dsfm.hub import local_path, looks_like_hub_id
 
 BYTE_TOKENIZER = "byte"
 
@@ -111,8 +117,8 @@ def prepare(
     """Tokenize `inputs` into `out_dir` (train/val .bin + .idx, tokenizer.json, meta.json).
 
     `tokenizer`: None trains a byte-level BPE of `vocab_size` on the documents; "byte" uses
-    the 257-token byte tokenizer; anything else is a tokenizer file (or a directory holding
-    one) to reuse, and `vocab_size` is then ignored. `workers` processes tokenize in
+    the 257-token byte tokenizer; anything else is a tokenizer to reuse (`resolve_tokenizer`),
+    and `vocab_size` is then ignored. `workers` processes tokenize in
     parallel (output identical for any count); `max_shard_bytes` cuts each split into
     shards. Returns the meta dict written to meta.json.
     """
@@ -160,9 +166,10 @@ def prepare_chat(
 ) -> dict[str, Any]:
     """Render chat JSONL `inputs` into `out_dir`: the pretraining format plus `{split}.mask`.
 
-    `tokenizer` is a tokenizer file or a directory holding one (a prepared dataset, run or
-    checkpoint), or "byte"; the chat tokens are added to it and the extended tokenizer is
-    saved in `out_dir`. Returns the meta dict written to meta.json.
+    `tokenizer` is what `resolve_tokenizer` takes. When its config has a `chat_template`
+    (an instruct model), conversations are rendered with it; otherwise with dsfm's template,
+    whose chat tokens are added to the tokenizer. The tokenizer is saved in `out_dir`.
+    Returns the meta dict written to meta.json.
     """
     out_dir = Path(os.path.abspath(Path(out_dir).expanduser()))
     check_val_fraction(val_fraction, "conversations")
@@ -175,7 +182,11 @@ def prepare_chat(
             f"name the .jsonl files directly or with a glob such as 'dir/*.jsonl'"
         )
     base = resolve_tokenizer(str(tokenizer))
-    tok = add_chat_tokens(base)
+    if base.chat_template:  # an instruct model's own template: no tokens to add
+        tok, template = base, "jinja-" + sha256(base.chat_template.encode()).hexdigest()[:16]
+        check_template(tok)
+    else:
+        tok, template = add_chat_tokens(base), CHAT_TEMPLATE
 
     with staged_dir(out_dir, replace=force) as tmp_dir, make_progress(progress) as bar:
         splits, source_records = _write_chat_splits(tmp_dir, sources, tok, val_fraction, seed, bar)
@@ -188,8 +199,9 @@ def prepare_chat(
             seed=seed,
             loss_mask=True,
             mask_dtype=MASK_DTYPE.name,
-            chat_template=CHAT_TEMPLATE,
-            chat_tokens=chat_token_ids(tok),
+            chat_template=template,
+            chat_tokens={} if base.chat_template else chat_token_ids(tok),
+            end_of_turn=end_of_turn_id(tok),
             base_vocab_size=base.vocab_size,
         )
     return meta
@@ -228,12 +240,17 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
 
 
 def resolve_tokenizer(tokenizer: str | None) -> Tokenizer | None:
-    """None means: train one on the corpus once it has been read."""
+    """A tokenizer.json file, a directory holding one (dataset, run, checkpoint, Hugging Face
+    model) or a cached hub id (`org/name`), with the config files beside it; "byte"; None
+    means: train one on the corpus once it has been read."""
     if tokenizer is None:
         return None
     if tokenizer == BYTE_TOKENIZER:
         return byte_tokenizer()
-    return Tokenizer.load(tokenizer)
+    path = Path(tokenizer).expanduser()
+    if not path.exists() and looks_like_hub_id(tokenizer):
+        path = local_path(tokenizer)
+    return Tokenizer.load(path)
 
 
 def make_progress(enabled: bool):
@@ -382,8 +399,15 @@ def _conversations(source: Source, stats: SourceStats) -> Iterator[tuple[list[di
 
 def _render_batch(batch: list[list[dict]], tokenizer: Tokenizer, assigner: SplitAssigner) -> int:
     """Render a batch of conversations into the assigner; return the tokens written."""
+    if tokenizer.chat_template:  # the model's own template renders one at a time
+        n_tokens = 0
+        for messages in batch:
+            ids, mask = render(messages, tokenizer)
+            assigner.add(np.array([ids, mask], dtype=token_dtype(tokenizer.vocab_size)))
+            n_tokens += len(ids)
+        return n_tokens
     template = Template.of(tokenizer)
-    contents = tokenizer.encode_batch([m["content"] for messages in batch for m in messages])
+    contents = encode_contents(tokenizer, [m["content"] for messages in batch for m in messages])
     n_tokens = start = 0
     for messages in batch:
         end = start + len(messages)

@@ -18,7 +18,12 @@ Design choices:
   when the config says LoRA; leftover `lora_A`/`lora_B` tensors are refused ("run `dsfm
   merge`"). `export_adapter` writes them alone in PEFT's format instead (`adapter.py`).
 - The tokenizer.json is copied byte for byte, so `AutoTokenizer` produces the ids the model
-  was trained on. EOT is bos, eos and pad; no BOS is added (dsfm never trains with one).
+  was trained on. The special tokens are the tokenizer's own (`Tokenizer`: for dsfm's
+  tokenizers EOT is bos, eos and pad and no BOS is added; a model's keep its BOS, EOS and
+  `add_bos_token`). A chat model's tokenizer_config.json gets a `chat_template` (the
+  model's own, or dsfm's template as Jinja, `chat.jinja_template`) and its end of turn as
+  `eos_token`; `eos_token_id` in config.json and generation_config.json lists the end of
+  text and the end of turn, so transformers and vLLM stop where dsfm's generate stops.
   One difference remains by design: HF parses special tokens written literally in text
   (chat templates rely on it) where dsfm's encoder keeps "<|endoftext|>" in text as bytes.
 - Import (a directory, or a hub id through the HF cache: `dsfm.hub.local_path`) accepts
@@ -50,7 +55,16 @@ import torch
 from dsfm.atomic import refuse_existing, staged_dir
 from dsfm.config.load import from_dict, to_dict
 from dsfm.config.schema import Config, ConfigError
-from dsfm.data.tokenizer import EOT, TOKENIZER_FILE, Tokenizer, copy_tokenizer
+from dsfm.data.chat import end_of_turn_id, jinja_template
+from dsfm.data.tokenizer import (
+    EOT,
+    SPECIAL_TOKENS_MAP,
+    TOKENIZER_CONFIG,
+    TOKENIZER_FILE,
+    Tokenizer,
+    copy_tokenizer,
+    read_config,
+)
 from dsfm.hub import local_path
 from dsfm.interop.adapter import write_adapter
 from dsfm.interop.weights import (
@@ -162,19 +176,43 @@ def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
     return shards
 
 
+def _special_ids(tokenizer: Tokenizer) -> dict[str, Any]:
+    """bos/eos/pad ids for config.json and generation_config.json: eos lists the end of text
+    and, for a chat model, the end of turn (generation stops at either)."""
+    end_of_turn = end_of_turn_id(tokenizer)
+    eos = [tokenizer.eot_id] + [
+        i for i in (end_of_turn, tokenizer.eos_id) if i is not None and i != tokenizer.eot_id
+    ]
+    return {
+        "bos_token_id": tokenizer.bos_id if tokenizer.config else tokenizer.eot_id,
+        "eos_token_id": list(dict.fromkeys(eos)) if len(set(eos)) > 1 else eos[0],
+        "pad_token_id": tokenizer.eot_id if tokenizer.pad_id is None else tokenizer.pad_id,
+    }
+
+
 def _tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str, dict[str, Any]]:
     """tokenizer_config.json and special_tokens_map.json for `PreTrainedTokenizerFast`."""
     added = tokenizer.hf_tokenizer.get_added_tokens_decoder()  # {id: AddedToken}
-    extra = [t.content for _, t in sorted(added.items()) if t.special and t.content != EOT]
+    eot = tokenizer.token(tokenizer.eot_id)
+    extra = [t.content for _, t in sorted(added.items()) if t.special and t.content != eot]
+    end_of_turn = end_of_turn_id(tokenizer)
+    template = tokenizer.chat_template or (end_of_turn is not None and jinja_template(tokenizer))
+    own = tokenizer.config  # a model's tokenizer: its own roles; dsfm's: EOT for all three
+    tokens = {
+        "bos_token": tokenizer.token(tokenizer.bos_id) if own else eot,
+        # transformers' generate and chat pipelines stop at eos_token: a chat model's is
+        # its end of turn (as in Llama-3 and Qwen instruct configs)
+        "eos_token": tokenizer.token(end_of_turn if end_of_turn is not None else tokenizer.eos_id)
+        or eot,
+        "pad_token": tokenizer.token(tokenizer.pad_id) or eot,
+    }
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": EOT,
-        "eos_token": EOT,
-        "pad_token": EOT,
+        **tokens,
         "unk_token": None,
         "additional_special_tokens": extra,
-        # dsfm trains without BOS/EOS around a text; say so explicitly so HF adds neither.
-        "add_bos_token": False,
+        # what dsfm trained with: BOS before a text where the family has it, never EOS
+        "add_bos_token": tokenizer.add_bos,
         "add_eos_token": False,
         # Byte-level decoding is exact; HF's cleanup would rewrite " ." as ".".
         "clean_up_tokenization_spaces": False,
@@ -191,16 +229,10 @@ def _tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str, d
             for i, t in sorted(added.items())
         },
     }
-    special_tokens_map = {
-        "bos_token": EOT,
-        "eos_token": EOT,
-        "pad_token": EOT,
-        "additional_special_tokens": extra,
-    }
-    return {
-        "tokenizer_config.json": tokenizer_config,
-        "special_tokens_map.json": special_tokens_map,
-    }
+    if template:
+        tokenizer_config["chat_template"] = template
+    special_tokens_map = {**tokens, "additional_special_tokens": extra}
+    return {TOKENIZER_CONFIG: tokenizer_config, SPECIAL_TOKENS_MAP: special_tokens_map}
 
 
 def export_hf(
@@ -261,13 +293,9 @@ def export_hf(
                 "weight_map": {_hf_name(k): f for f, s in zip(files, shards) for k in s},
             }
             _write_json(tmp / INDEX_FILE, index)
-        _write_json(tmp / HF_CONFIG, hf_config(cfg, tokenizer.eot_id, dtype))
-        generation = {
-            "bos_token_id": tokenizer.eot_id,
-            "eos_token_id": tokenizer.eot_id,
-            "pad_token_id": tokenizer.eot_id,
-        }
-        _write_json(tmp / GENERATION_CONFIG, generation)
+        special_ids = _special_ids(tokenizer)
+        _write_json(tmp / HF_CONFIG, {**hf_config(cfg, tokenizer.eot_id, dtype), **special_ids})
+        _write_json(tmp / GENERATION_CONFIG, special_ids)
         copy_tokenizer(ckpt_dir / tag, tmp)
         for name, obj in _tokenizer_files(tokenizer, cfg.max_seq_len).items():
             _write_json(tmp / name, obj)
@@ -500,7 +528,8 @@ def import_hf(name: str | Path, out_dir: str | Path) -> Path:
     `dsfm.hub.local_path`) -> a plain dsfm checkpoint at `out_dir`.
 
     Needs config.json, safetensors weights (one file, or shards with an index) and a
-    tokenizer.json. If the tokenizer lacks "<|endoftext|>" it is added as a special token
+    tokenizer.json; its config files come along. If the tokenizer has no end of text of its
+    own (no eos_token, no "<|endoftext|>"), "<|endoftext|>" is added as a special token
     (dsfm's document separator), growing the vocabulary by one row when needed.
     """
     out = Path(out_dir)
@@ -522,7 +551,12 @@ def import_hf(name: str | Path, out_dir: str | Path) -> Path:
     import tokenizers
 
     hf_tok = tokenizers.Tokenizer.from_file(str(tok_file))
-    added_eot = hf_tok.token_to_id(EOT) is None
+    tok_config = read_config(src)  # its BOS/EOS and chat template travel with it
+    try:
+        Tokenizer(tokenizers.Tokenizer.from_file(str(tok_file)), tok_config)
+        added_eot = False  # it has an end of text of its own
+    except ValueError:
+        added_eot = hf_tok.token_to_id(EOT) is None
     if added_eot:
         hf_tok.add_special_tokens([EOT])
     n_ids = hf_tok.get_vocab_size(with_added_tokens=True)
@@ -549,8 +583,7 @@ def import_hf(name: str | Path, out_dir: str | Path) -> Path:
         return save_plain(out, weights, state, tok_file)  # byte-identical copy
     state["added_tokens"] = [EOT]
     with tempfile.TemporaryDirectory() as tmp:
-        tok_path = Path(tmp) / TOKENIZER_FILE
-        hf_tok.save(str(tok_path))
+        tok_path = Tokenizer(hf_tok, tok_config).save(tmp)
         Tokenizer.load(tok_path)
         return save_plain(out, weights, state, tok_path)
 

@@ -140,6 +140,23 @@ def test_merge_export_matches_transformers_and_generates(pipeline):
     text = "def f(x):\n    return x  # café, 東京 and tabs\t\tend"
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
 
+    # The chat template went out as Jinja: transformers renders dsfm's prompt ids, and
+    # stops generating at the end of the assistant turn as well as at EOT.
+    from dsfm.data.chat import END, render_prompt
+
+    messages = [
+        {"role": "system", "content": "You answer questions about Python."},
+        {"role": "user", "content": "What is assert?"},
+    ]
+    dsfm_tok = Tokenizer.load(root / "merged")
+    assert list(
+        hf_tok.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=True, return_dict=False
+        )
+    ) == render_prompt(messages, dsfm_tok)
+    generation = json.loads((root / "hf" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [tok.eot_id, tok.hf_tokenizer.token_to_id(END)]
+
     merged, _ = load_model(root / "merged")
     prompt = tok.encode("What is assert?")
     ours = sample(merged, prompt, max_new_tokens=12, temperature=0)

@@ -79,8 +79,9 @@ ALLOWED = {
     # training's outputs are read through their formats, and ZeRO weights through the engine
     "dsfm.eval": ["dsfm.data", "dsfm.model", "dsfm.distributed", "dsfm.interop"]
     + ["dsfm.train.checkpoint"],
+    # export writes the tokenizer's chat template (dsfm's, as Jinja) beside the tokenizer
     "dsfm.interop": ["dsfm.atomic", "dsfm.hub", "dsfm.config", "dsfm.data.tokenizer", "dsfm.model"]
-    + ["dsfm.train.checkpoint", "dsfm.train.engine"],
+    + ["dsfm.data.chat", "dsfm.train.checkpoint", "dsfm.train.engine"],
 }
 
 
@@ -139,6 +140,8 @@ def test_light_entry_points_import_no_torch():
 OWNERS = {
     "meta.json": {"dsfm.data.format"},
     "tokenizer.json": {"dsfm.data.tokenizer"},
+    "tokenizer_config.json": {"dsfm.data.tokenizer"},
+    "special_tokens_map.json": {"dsfm.data.tokenizer"},
     "dsfm_state.json": {"dsfm.train.checkpoint"},
     "manifest.json": {"dsfm.train.checkpoint"},
     "rng_rank": {"dsfm.train.checkpoint"},
