@@ -7,7 +7,8 @@ Design choices:
   the caller reads, assigns splits and writes. Batches go out and come back in order, so
   the output is byte-identical whatever the worker count.
 - Every document ends with EOT, so documents can be packed back to back and the model
-  learns where they end.
+  learns where they end. A document read in parts (a text file larger than a part) gets
+  its EOT after its last part only.
 """
 
 from __future__ import annotations
@@ -27,15 +28,19 @@ ENCODE_BATCH_BYTES = 1 << 20
 ENCODE_BATCH_DOCS = 4096
 
 
-def encode_docs(tokenizer: Tokenizer, dtype: np.dtype, batch: list[str]) -> tuple:
-    """A batch of documents as one flat token array (EOT after each) and their lengths."""
+def encode_docs(
+    tokenizer: Tokenizer, dtype: np.dtype, batch: list[str], ends: list[bool]
+) -> tuple:
+    """A batch of documents (or parts, `ends[i]` False when more of it follows) as one flat
+    token array (EOT after each document's end) and the pieces' lengths."""
     ids = tokenizer.encode_batch(batch)
-    lengths = np.fromiter((len(d) + 1 for d in ids), dtype=np.int64, count=len(ids))
+    eots = np.asarray(ends, dtype=np.int64)
+    lengths = np.fromiter((len(d) for d in ids), dtype=np.int64, count=len(ids)) + eots
     flat = np.empty(int(lengths.sum()), dtype=dtype)
-    ends = np.cumsum(lengths)
-    flat[ends - 1] = tokenizer.eot_id
-    for doc, end, n in zip(ids, ends, lengths):
-        flat[end - n : end - 1] = doc
+    stops = np.cumsum(lengths)
+    flat[(stops - 1)[eots == 1]] = tokenizer.eot_id
+    for doc, stop, n in zip(ids, stops - eots, map(len, ids)):
+        flat[stop - n : stop] = doc
     return flat, lengths
 
 
@@ -52,8 +57,8 @@ def _init_worker(tokenizer_json: str, dtype: str) -> None:
     _worker_dtype = np.dtype(dtype)
 
 
-def _encode_in_worker(batch: list[str]) -> tuple:
-    return encode_docs(_worker_tokenizer, _worker_dtype, batch)
+def _encode_in_worker(batch: list[str], ends: list[bool]) -> tuple:
+    return encode_docs(_worker_tokenizer, _worker_dtype, batch, ends)
 
 
 class BatchEncoder:
@@ -81,12 +86,12 @@ class BatchEncoder:
                 initargs=(tokenizer.hf_tokenizer.to_str(), dtype.name),
             )
 
-    def submit(self, batch: list[str]) -> Iterator[tuple]:
+    def submit(self, batch: list[str], ends: list[bool]) -> Iterator[tuple]:
         """Queue `batch`; yield the results that are due, oldest first."""
         if self.pool is None:
-            yield encode_docs(self.tokenizer, self.dtype, batch)
+            yield encode_docs(self.tokenizer, self.dtype, batch, ends)
             return
-        self.pending.append(self.pool.submit(_encode_in_worker, batch))
+        self.pending.append(self.pool.submit(_encode_in_worker, batch, ends))
         while len(self.pending) > 2 * self.workers:
             yield self.pending.popleft().result()
 
