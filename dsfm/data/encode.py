@@ -28,9 +28,7 @@ ENCODE_BATCH_BYTES = 1 << 20
 ENCODE_BATCH_DOCS = 4096
 
 
-def encode_docs(
-    tokenizer: Tokenizer, dtype: np.dtype, batch: list[str], ends: list[bool]
-) -> tuple:
+def encode_docs(tokenizer: Tokenizer, dtype: np.dtype, batch: list[str], ends: list[bool]) -> tuple:
     """A batch of documents (or parts, `ends[i]` False when more of it follows) as one flat
     token array (EOT after each document's end) and the pieces' lengths."""
     ids = tokenizer.encode_batch(batch)

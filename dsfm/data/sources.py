@@ -9,8 +9,8 @@ Design choices:
 - JSONL (optionally gzip/zstd compressed), Parquet and `datasets` rows hold one document
   under `text_key`. Any other file is UTF-8 text: one document, or one per
   `doc_separator` (e.g. `<|endoftext|>`, as TinyStories' files), read in chunks of
-  `TEXT_PART_BYTES`. Empty documents are skipped (and counted): they would only add a
-  lone EOT. `.npy`/`.bin` token arrays are read by `token_arrays.py`, not here.
+  `TEXT_PART_BYTES`. Empty documents (blank, for text) are skipped and counted: they
+  would only add a lone EOT. `.npy`/`.bin` token arrays are read by `token_arrays.py`, not here.
 - Pieces are yielded one at a time as `(text, input bytes consumed, end)`: a document, or
   a part of one (`end` False until its last part) when a text document is longer than a
   part, cut after a line end. So memory is bounded by a part (or the largest JSONL/Parquet
@@ -379,7 +379,7 @@ def _text_documents(
     def piece(data: bytes, at: int, end: bool) -> Iterator[tuple[str, int, bool]]:
         nonlocal owed, open_doc
         text = _decode_utf8(data, path, at)
-        if not text and end and not open_doc:
+        if end and not open_doc and not text.strip():  # blank between separators
             stats.empty += 1
             return
         yield text, owed, end

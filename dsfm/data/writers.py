@@ -71,7 +71,8 @@ class SplitWriter:
 
     def add(self, tokens: np.ndarray, end: bool = True) -> None:
         """Append tokens; `end=False` when more of the same document follows."""
-        self._buffer.append(tokens)
+        # A copy: a view would pin its whole batch until the flush (val flushes rarely).
+        self._buffer.append(np.array(tokens, dtype=self.dtype))
         self._buffered += len(tokens)
         self.n_tokens += len(tokens)
         if end:
@@ -81,7 +82,7 @@ class SplitWriter:
 
     def flush(self) -> None:
         if self._buffer:
-            data = np.concatenate(self._buffer).astype(self.dtype, copy=False).tobytes()
+            data = np.concatenate(self._buffer).tobytes()
             if self.sha256 is not None:
                 self.sha256.update(data)
             self._file.write(data)
