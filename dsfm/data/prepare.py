@@ -100,7 +100,7 @@ class PrepareOptions:
                 f"max_shard_bytes={self.max_shard_bytes!r} must be a positive number of bytes "
                 f"(e.g. 1GB), or unset for one file per split"
             )
-        check_val_fraction(self.val_fraction, "documents")
+        check_val_fraction(self.val_fraction, "the tokens")
         if not self.text_key:
             raise ValueError("text_key must name the JSONL field that holds document text")
         if self.max_bytes is not None and self.max_bytes <= 0:
