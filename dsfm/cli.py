@@ -67,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size")
     p.add_argument("--text-key", default="text", help="JSONL/Parquet field holding the text")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="documents held out")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.01,
+        help="share of tokens held out for validation: whole documents, or the end of the "
+        "corpus when documents are too few (one text file)",
+    )
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--max-bytes", type=int, default=None, help="cap on corpus bytes read")
     p.add_argument(
@@ -77,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard-size",
         default=None,
         help="cut each split into .bin shards below this size (e.g. 1GB); default: one file",
+    )
+    p.add_argument(
+        "--doc-separator",
+        default=None,
+        help="split text files into documents at this string, e.g. '<|endoftext|>' "
+        "(TinyStories); default: one document per file",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("uint16", "uint32"),
+        default=None,
+        help="id type of raw .bin token arrays (nanoGPT: uint16); default: inferred when "
+        "unambiguous",
     )
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument(

@@ -50,11 +50,16 @@ class TokenDataset:
         self.n_tokens: int = self.meta["splits"][split]["tokens"]
         self.shards = shards(self.meta, split)
         sizes = [max(0, (shard["tokens"] - 1) // seq_len) for shard in self.shards]
+        if self.n_tokens == 0:
+            raise ValueError(
+                f"the {split!r} split of {self.data_dir} is empty (prepared with "
+                f"--val-fraction 0); re-run `dsfm prepare` with --val-fraction 0.01 to have one"
+            )
         if sum(sizes) == 0:
             raise ValueError(
                 f"the {split!r} split of {self.data_dir} has {self.n_tokens} tokens, but one "
                 f"sample of seq_len={seq_len} needs {seq_len + 1} in one shard; use a shorter "
-                f"seq_len, or more data / a larger val_fraction in `dsfm prepare`"
+                f"seq_len, or more data (for val, a larger --val-fraction in `dsfm prepare`)"
             )
         # bounds[k] is the first sample of shard k; samples of shard k are local windows
         self._bounds = np.cumsum([0, *sizes])

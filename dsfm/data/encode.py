@@ -9,6 +9,8 @@ Design choices:
 - Every document ends with the tokenizer's separator (EOT), so documents can be packed
   back to back and the model learns where they end; it starts with BOS where the family
   expects one (`Tokenizer.add_bos`: Llama yes, Qwen no), as the model saw in pretraining.
+  A document read in parts (a text file larger than a part) gets its BOS before its first
+  part and its EOT after its last part only.
 """
 
 from __future__ import annotations
@@ -28,18 +30,23 @@ ENCODE_BATCH_BYTES = 1 << 20
 ENCODE_BATCH_DOCS = 4096
 
 
-def encode_docs(tokenizer: Tokenizer, dtype: np.dtype, batch: list[str]) -> tuple:
-    """A batch of documents as one flat token array ([BOS] doc EOT each) and their lengths."""
+def encode_docs(
+    tokenizer: Tokenizer, dtype: np.dtype, batch: list[str], starts: list[bool], ends: list[bool]
+) -> tuple:
+    """A batch of documents (or parts: `starts[i]` False when it continues a document,
+    `ends[i]` False when more of it follows) as one flat token array ([BOS] before each
+    document's start where the family has one, EOT after its end) and the pieces' lengths."""
     ids = tokenizer.encode_batch(batch)
-    bos = int(tokenizer.add_bos)
-    lengths = np.fromiter((bos + len(d) + 1 for d in ids), dtype=np.int64, count=len(ids))
+    bos = np.asarray(starts, dtype=np.int64) * int(tokenizer.add_bos)
+    eots = np.asarray(ends, dtype=np.int64)
+    lengths = np.fromiter((len(d) for d in ids), dtype=np.int64, count=len(ids)) + bos + eots
     flat = np.empty(int(lengths.sum()), dtype=dtype)
-    ends = np.cumsum(lengths)
-    flat[ends - 1] = tokenizer.eot_id
-    if bos:
-        flat[ends - lengths] = tokenizer.bos_id
-    for doc, end, n in zip(ids, ends, lengths):
-        flat[end - n + bos : end - 1] = doc
+    stops = np.cumsum(lengths)
+    flat[(stops - 1)[eots == 1]] = tokenizer.eot_id
+    if bos.any():
+        flat[(stops - lengths)[bos == 1]] = tokenizer.bos_id
+    for doc, stop, n in zip(ids, stops - eots, map(len, ids)):
+        flat[stop - n : stop] = doc
     return flat, lengths
 
 
@@ -56,8 +63,8 @@ def _init_worker(tokenizer_json: str, config: dict, dtype: str) -> None:
     _worker_dtype = np.dtype(dtype)
 
 
-def _encode_in_worker(batch: list[str]) -> tuple:
-    return encode_docs(_worker_tokenizer, _worker_dtype, batch)
+def _encode_in_worker(batch: list[str], starts: list[bool], ends: list[bool]) -> tuple:
+    return encode_docs(_worker_tokenizer, _worker_dtype, batch, starts, ends)
 
 
 class BatchEncoder:
@@ -85,12 +92,12 @@ class BatchEncoder:
                 initargs=(tokenizer.hf_tokenizer.to_str(), tokenizer.config, dtype.name),
             )
 
-    def submit(self, batch: list[str]) -> Iterator[tuple]:
+    def submit(self, batch: list[str], starts: list[bool], ends: list[bool]) -> Iterator[tuple]:
         """Queue `batch`; yield the results that are due, oldest first."""
         if self.pool is None:
-            yield encode_docs(self.tokenizer, self.dtype, batch)
+            yield encode_docs(self.tokenizer, self.dtype, batch, starts, ends)
             return
-        self.pending.append(self.pool.submit(_encode_in_worker, batch))
+        self.pending.append(self.pool.submit(_encode_in_worker, batch, starts, ends))
         while len(self.pending) > 2 * self.workers:
             yield self.pending.popleft().result()
 

@@ -161,20 +161,21 @@ def _check_tokenizer(data_dir: Path, meta: dict[str, Any]) -> None:
         )
 
 
-def open_tokens(data_dir: Path, meta: dict[str, Any], shard: dict[str, Any]) -> np.memmap:
+def _map(path: Path, dtype: np.dtype, n: int) -> np.ndarray:
+    # An empty split (val_fraction 0) is a valid dataset, but mmap refuses empty files.
+    if n == 0:
+        return np.empty(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+
+
+def open_tokens(data_dir: Path, meta: dict[str, Any], shard: dict[str, Any]) -> np.ndarray:
     """A shard's token ids, memory-mapped read-only (no copy, shared by every process)."""
-    return np.memmap(
-        bin_path(data_dir, shard["name"]),
-        dtype=np.dtype(meta["dtype"]),
-        mode="r",
-        shape=(shard["tokens"],),
-    )
+    return _map(bin_path(data_dir, shard["name"]), np.dtype(meta["dtype"]), shard["tokens"])
 
 
-def open_mask(data_dir: Path, shard: dict[str, Any]) -> np.memmap:
+def open_mask(data_dir: Path, shard: dict[str, Any]) -> np.ndarray:
     """A chat shard's loss mask, memory-mapped read-only."""
-    path = mask_path(data_dir, shard["name"])
-    return np.memmap(path, dtype=MASK_DTYPE, mode="r", shape=(shard["tokens"],))
+    return _map(mask_path(data_dir, shard["name"]), MASK_DTYPE, shard["tokens"])
 
 
 def read_offsets(data_dir: Path, shard: dict[str, Any]) -> np.ndarray:

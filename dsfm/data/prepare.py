@@ -7,15 +7,20 @@ writes the token files -> `format.write_meta` saves the tokenizer and `meta.json
 mask beside the tokens.
 
 Design choices:
-- Streaming: documents are read one at a time and tokenized in batches of a few MB, so
-  memory is bounded by the batch size and the largest single document, not the corpus.
+- Streaming: documents are read one at a time (a long text document in parts) and
+  tokenized in batches of about a MB, so memory is bounded by the batch size, not the
+  corpus nor its largest text file. Token arrays (`.npy`/`.bin`, `token_arrays.py`) skip
+  the tokenizer: their ids are checked and copied.
+- The val split: whole documents drawn at random, topped up from the end of train when
+  they cannot make up `val_fraction` of the tokens (`writers.TextSplitAssigner`), so one
+  text file gets a val split too; `meta.json`'s `val_cut_tokens` says how many were cut.
 - Atomic: everything is written to a temp dir beside `out_dir` (same filesystem) and
   renamed into place when complete (`dsfm.atomic`). A failure leaves nothing behind, and
   `force=True` replaces an old dataset only after the new one is complete. `force` only
   ever replaces a directory that is empty or holds a prepared dataset, so a typo cannot
   delete unrelated files.
 - Options are checked before any input is read; `max_bytes` caps the `stdlib` corpus only
-  (files are always read whole so their sha256 in `meta.json` describes what was
+  (files are always read to the end so their sha256 in `meta.json` describes what was
   tokenized).
 """
 
@@ -48,6 +53,7 @@ from dsfm.data.format import (
     MASK_DTYPE,
     META_FILE,
     SPLITS,
+    file_sha256,
     is_dataset_dir,
     token_dtype,
     write_meta,
@@ -62,8 +68,14 @@ from dsfm.data.sources import (
     read_documents,
     resolve_inputs,
 )
+from dsfm.data.token_arrays import RAW_DTYPES, open_token_array, token_documents
 from dsfm.data.tokenizer import TOKENIZER_FILE, Tokenizer, byte_tokenizer, train_bpe
-from dsfm.data.writers import MaskedSplitWriter, ShardedSplitWriter, SplitAssigner
+from dsfm.data.writers import (
+    MaskedSplitWriter,
+    ShardedSplitWriter,
+    SplitAssigner,
+    TextSplitAssigner,
+)
 from dsfm.hub import local_path, looks_like_hub_id
 
 BYTE_TOKENIZER = "byte"
@@ -79,6 +91,8 @@ class PrepareOptions:
     max_bytes: int | None = None
     workers: int = 1
     max_shard_bytes: int | None = None
+    doc_separator: str | None = None
+    dtype: str | None = None  # of raw .bin token arrays
 
     def check(self) -> None:
         if not (isinstance(self.workers, int) and self.workers >= 1):
@@ -92,11 +106,15 @@ class PrepareOptions:
                 f"max_shard_bytes={self.max_shard_bytes!r} must be a positive number of bytes "
                 f"(e.g. 1GB), or unset for one file per split"
             )
-        check_val_fraction(self.val_fraction, "documents")
+        check_val_fraction(self.val_fraction, "the tokens")
         if not self.text_key:
             raise ValueError("text_key must name the JSONL field that holds document text")
         if self.max_bytes is not None and self.max_bytes <= 0:
             raise ValueError(f"max_bytes={self.max_bytes} must be positive, or None for no cap")
+        if self.doc_separator == "":
+            raise ValueError("doc_separator must be a non-empty string, e.g. '<|endoftext|>'")
+        if self.dtype is not None and self.dtype not in RAW_DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} must be one of {', '.join(RAW_DTYPES)}")
 
 
 def prepare(
@@ -111,6 +129,8 @@ def prepare(
     max_bytes: int | None = None,
     workers: int = 1,
     max_shard_bytes: int | None = None,
+    doc_separator: str | None = None,
+    dtype: str | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -120,10 +140,13 @@ def prepare(
     the 257-token byte tokenizer; anything else is a tokenizer to reuse (`resolve_tokenizer`),
     and `vocab_size` is then ignored. `workers` processes tokenize in
     parallel (output identical for any count); `max_shard_bytes` cuts each split into
-    shards. Returns the meta dict written to meta.json.
+    shards. `doc_separator` splits text files into documents; `dtype` is that of raw `.bin`
+    token arrays (inferred when unambiguous). Returns the meta dict written to meta.json.
     """
     out_dir = Path(os.path.abspath(Path(out_dir).expanduser()))  # "." has no name to sit beside
-    opts = PrepareOptions(text_key, val_fraction, seed, max_bytes, workers, max_shard_bytes)
+    opts = PrepareOptions(
+        text_key, val_fraction, seed, max_bytes, workers, max_shard_bytes, doc_separator, dtype
+    )
     opts.check()
     if tokenizer is None and vocab_size < 257:
         raise ValueError(
@@ -134,12 +157,18 @@ def prepare(
     sources = resolve_inputs(inputs)
     if all(s.kind not in ("stdlib", "hf") and os.path.getsize(s.path) == 0 for s in sources):
         raise ValueError(f"empty corpus: every input file is empty ({[s.path for s in sources]})")
+    arrays = [s.path for s in sources if s.kind == "tokens"]
+    if arrays and tokenizer is None:
+        raise ValueError(
+            f"token arrays {arrays} need --tokenizer: the {TOKENIZER_FILE} that made their "
+            f"ids (or `{BYTE_TOKENIZER}`); their ids are used as they are, not re-tokenized"
+        )
     tok = resolve_tokenizer(tokenizer)
 
     with staged_dir(out_dir, replace=force) as tmp_dir, make_progress(progress) as bar:
         if tok is None:
             tok = _train_tokenizer(sources, opts, vocab_size, bar)
-        splits, source_records = _write_splits(tmp_dir, sources, tok, opts, bar)
+        splits, source_records, cut = _write_splits(tmp_dir, sources, tok, opts, bar)
         meta = write_meta(
             tmp_dir,
             tok,
@@ -150,6 +179,8 @@ def prepare(
             seed=seed,
             empty_docs=sum(r["empty_docs"] for r in source_records),
             chars=sum(r["chars"] for r in source_records),
+            val_cut_tokens=cut,
+            doc_separator=doc_separator,
         )
     return meta
 
@@ -302,7 +333,10 @@ def _train_tokenizer(
     def texts() -> Iterator[str]:
         nonlocal n_docs, n_bytes
         for source in sources:
-            for doc, consumed in read_documents(source, opts.text_key, opts.max_bytes):
+            docs = read_documents(
+                source, opts.text_key, opts.max_bytes, doc_separator=opts.doc_separator
+            )
+            for doc, consumed, _ in docs:
                 n_docs += 1
                 n_bytes += consumed
                 progress.update(task, advance=consumed, docs=n_docs, mb=n_bytes / 1e6)
@@ -316,14 +350,25 @@ def _train_tokenizer(
     return tokenizer
 
 
+def line_end_ids(tokenizer: Tokenizer) -> np.ndarray:
+    """`clean[id]`: the ids a val cut may follow: EOT, and tokens whose text ends a line."""
+    vocab = tokenizer.vocab_size
+    texts = tokenizer.hf_tokenizer.decode_batch([[i] for i in range(vocab)])
+    clean = np.fromiter((t.endswith("\n") for t in texts), dtype=bool, count=vocab)
+    clean[tokenizer.eot_id] = True
+    return clean
+
+
 def _write_splits(
     out_dir: Path, sources: list[Source], tokenizer: Tokenizer, opts: PrepareOptions, progress
-) -> tuple[dict, list[dict]]:
+) -> tuple[dict, list[dict], int]:
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {
         split: ShardedSplitWriter(out_dir, split, dtype, opts.max_shard_bytes) for split in SPLITS
     }
-    assigner = SplitAssigner(writers, opts.val_fraction, opts.seed)
+    assigner = TextSplitAssigner(
+        writers, opts.val_fraction, opts.seed, line_end_ids(tokenizer), tokenizer.eot_id
+    )
     task = progress.add_task(
         "tokenizing", total=input_bytes(sources, opts.max_bytes), docs=0, mb=0.0, tokens=0
     )
@@ -341,46 +386,82 @@ def _write_splits(
         raise ValueError(
             f"empty corpus: inputs {[s.path for s in sources]} hold no non-empty documents"
         )
-    return {s: w.split_record() for s, w in writers.items()}, source_records
+    return {s: w.split_record() for s, w in writers.items()}, source_records, assigner.cut_tokens
 
 
 def _tokenize_sources(
     sources: list[Source],
     opts: PrepareOptions,
     encoder: BatchEncoder,
-    assigner: SplitAssigner,
+    assigner: TextSplitAssigner,
     counts: _Counts,
 ) -> list[dict]:
     batch_bytes_in_flight: deque[int] = deque()
+    batch_ends_in_flight: deque[list[bool]] = deque()
 
     def take(results: Iterator[tuple]) -> None:
         for flat, lengths in results:
+            ends = batch_ends_in_flight.popleft()
             start = 0
-            for n in lengths.tolist():
-                assigner.add(flat[start : start + n])
+            for n, end in zip(lengths.tolist(), ends):
+                assigner.add(flat[start : start + n], end)
                 start += n
-            counts.done(batch_bytes_in_flight.popleft(), len(lengths), len(flat))
+            counts.done(batch_bytes_in_flight.popleft(), sum(ends), len(flat))
+
+    def submit() -> None:
+        nonlocal batch, starts, ends, batch_bytes
+        if batch:
+            batch_bytes_in_flight.append(batch_bytes)
+            batch_ends_in_flight.append(ends)
+            take(encoder.submit(batch, starts, ends))
+        batch, starts, ends, batch_bytes = [], [], [], 0
 
     source_records = []
     batch: list[str] = []
+    starts: list[bool] = []
+    ends: list[bool] = []
     batch_bytes = 0
     for source in sources:
         stats = SourceStats()
-        for doc, consumed in read_documents(source, opts.text_key, opts.max_bytes, stats):
-            stats.chars += len(doc)
-            batch.append(doc)
+        if source.kind == "tokens":
+            submit()
+            take(encoder.drain())  # everything before the array goes first, in order
+            _copy_token_array(source, encoder.tokenizer, encoder.dtype, opts, assigner, counts)
+            stats.bytes = os.path.getsize(source.path)
+            stats.file_sha256 = file_sha256(Path(source.path))
+            source_records.append(stats.record(source))
+            continue
+        pieces = read_documents(source, opts.text_key, opts.max_bytes, stats, opts.doc_separator)
+        start = True
+        for text, consumed, end in pieces:
+            stats.chars += len(text)
+            batch.append(text)
+            starts.append(start)
+            ends.append(end)
+            start = end
             batch_bytes += consumed
             if batch_bytes >= ENCODE_BATCH_BYTES or len(batch) >= ENCODE_BATCH_DOCS:
-                batch_bytes_in_flight.append(batch_bytes)
-                take(encoder.submit(batch))
-                batch, batch_bytes = [], 0
+                submit()
         source_records.append(stats.record(source))
-    if batch:
-        batch_bytes_in_flight.append(batch_bytes)
-        take(encoder.submit(batch))
+    submit()
     take(encoder.drain())
     counts.finish()
     return source_records
+
+
+def _copy_token_array(
+    source: Source,
+    tokenizer: Tokenizer,
+    dtype: np.dtype,
+    opts: PrepareOptions,
+    assigner: TextSplitAssigner,
+    counts: _Counts,
+) -> None:
+    array = open_token_array(source.path, opts.dtype, tokenizer.vocab_size)
+    pieces = token_documents(source.path, array, tokenizer.vocab_size, tokenizer.eot_id, dtype)
+    for ids, consumed, end in pieces:
+        assigner.add(ids, end)
+        counts.done(consumed, int(end), len(ids))
 
 
 # ---------------------------------------------------------------------------------------
@@ -505,6 +586,8 @@ def prepare_command(
     max_bytes: int | None,
     workers: int,
     shard_size: str | None,
+    doc_separator: str | None,
+    dtype: str | None,
     force: bool,
     chat: bool,
 ) -> int:
@@ -529,6 +612,8 @@ def prepare_command(
             max_bytes=max_bytes,
             workers=workers,
             max_shard_bytes=parse_size(shard_size) if shard_size else None,
+            doc_separator=doc_separator,
+            dtype=dtype,
             force=force,
         )
     s = meta["splits"]
@@ -537,4 +622,29 @@ def prepare_command(
         f"train {s['train']['tokens']:,} tokens / {s['train']['docs']:,} docs, "
         f"val {s['val']['tokens']:,} tokens / {s['val']['docs']:,} docs"
     )
+    note = split_note(meta)
+    if note:
+        print(note)
     return 0
+
+
+def split_note(meta: dict[str, Any]) -> str | None:
+    """Why val is empty, or where it came from when it is not whole documents."""
+    val = meta["splits"]["val"]
+    if val["tokens"] == 0:
+        reason = (
+            "--val-fraction 0"
+            if not meta["val_fraction"]
+            else "the corpus is too small to cut one from"
+        )
+        return (
+            f"val is empty ({reason}): training will run without validation, a best "
+            "checkpoint or early stopping; pass --val-fraction 0.01 (or more) to have one"
+        )
+    if meta.get("val_cut_tokens"):
+        return (
+            f"val: whole documents could not make up --val-fraction {meta['val_fraction']} "
+            f"of the tokens, so the last {meta['val_cut_tokens']:,} tokens of the corpus "
+            "were cut from train into val (after a line end)"
+        )
+    return None

@@ -7,10 +7,14 @@ Design choices:
   `*.parquet` files, recursively, sorted, hidden entries skipped; a directory written by
   `datasets`' `save_to_disk` is read as that dataset. The same file named twice counts once.
 - JSONL (optionally gzip/zstd compressed), Parquet and `datasets` rows hold one document
-  under `text_key`; any other file is one UTF-8 document, read whole. Empty documents are
-  skipped (and counted): they would only add a lone EOT.
-- Documents are read one at a time, so memory is bounded by the largest single document.
-  Each comes with the input bytes it consumed, for progress bars with an ETA.
+  under `text_key`. Any other file is UTF-8 text: one document, or one per
+  `doc_separator` (e.g. `<|endoftext|>`, as TinyStories' files), read in chunks of
+  `TEXT_PART_BYTES`. Empty documents (blank, for text) are skipped and counted: they
+  would only add a lone EOT. `.npy`/`.bin` token arrays are read by `token_arrays.py`, not here.
+- Pieces are yielded one at a time as `(text, input bytes consumed, end)`: a document, or
+  a part of one (`end` False until its last part) when a text document is longer than a
+  part, cut after a line end. So memory is bounded by a part (or the largest JSONL/Parquet
+  document), not by a file, and the bytes feed progress bars with an ETA.
 - Bad input (invalid UTF-8, bad JSON, a missing text field, a truncated archive) is an
   error naming the file and the line or offset.
 - `SourceStats` records what was read (bytes, sha256 of the text, empty documents,
@@ -38,6 +42,8 @@ from dsfm.data.format import file_sha256
 JSONL_SUFFIX = ".jsonl"
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 PARQUET_SUFFIX = ".parquet"
+TOKEN_SUFFIXES = (".npy", ".bin")  # token arrays (nanoGPT, CS336): named, never picked from dirs
+TEXT_PART_BYTES = 1 << 20
 DIR_SUFFIXES = (".txt", ".md", ".rst", *JSONL_SUFFIXES, PARQUET_SUFFIX)
 HF_PREFIX = "hf:"
 HF_SAVED_FILES = ("dataset_info.json", "state.json")  # what `save_to_disk` leaves in a dir
@@ -48,7 +54,7 @@ class Source:
     """One input: a file on disk, or the embedded stdlib corpus (`path == "stdlib"`)."""
 
     path: str
-    kind: str  # "text", "jsonl", "parquet", "hf" or "stdlib"
+    kind: str  # "text", "jsonl", "parquet", "tokens", "hf" or "stdlib"
 
 
 # ---------------------------------------------------------------------------------------
@@ -78,6 +84,8 @@ def _file_source(path: Path) -> Source:
         kind = "jsonl"
     elif name.endswith(PARQUET_SUFFIX):
         kind = "parquet"
+    elif name.endswith(TOKEN_SUFFIXES):
+        kind = "tokens"
     else:
         kind = "text"
     return Source(str(path.resolve()), kind)
@@ -345,30 +353,90 @@ def _hf_documents(spec: str, text_key: str, stats: SourceStats) -> Iterator[tupl
     yield from _rows_documents(batches, f"hf:{spec}", text_key, stats, 0.0)
 
 
-def read_documents(
-    source: Source, text_key: str, max_bytes: int | None, stats: SourceStats | None = None
-) -> Iterator[tuple[str, int]]:
-    """Yield `(document, input bytes consumed)` for one source, non-empty documents only."""
-    stats = stats or SourceStats()
-    if source.kind == "stdlib":
-        for doc in stdlib_documents(max_bytes):
-            raw = doc.encode("utf-8")
-            stats.update(raw)
-            yield doc, len(raw)
-    elif source.kind == "jsonl":
-        yield from _jsonl_documents(source.path, text_key, stats)
-    elif source.kind == "parquet":
-        yield from _parquet_documents(source.path, text_key, stats)
-    elif source.kind == "hf":
-        yield from _hf_documents(source.path, text_key, stats)
-    else:
-        raw = Path(source.path).read_bytes()
-        stats.update(raw)
-        doc = _decode_utf8(raw, source.path)
-        if doc:
-            yield doc, len(raw)
-        else:
+def _part_end(buf: bytes, limit: int) -> int:
+    """Where a part of a long document ends: after the last line end before `limit`, else
+    at the last UTF-8 character boundary before it."""
+    newline = buf.rfind(b"\n", 0, limit)
+    if newline >= 0:
+        return newline + 1
+    cut = limit
+    while limit - 4 < cut < len(buf) and buf[cut] & 0xC0 == 0x80:  # inside a character
+        cut -= 1
+    return cut
+
+
+def _text_documents(
+    path: str, separator: str | None, stats: SourceStats
+) -> Iterator[tuple[str, int, bool]]:
+    """A UTF-8 file read in chunks, as documents split at `separator` (none: one document),
+    each yielded whole or, when longer than a part, in parts."""
+    sep = separator.encode("utf-8") if separator else None
+    keep = len(sep) - 1 if sep else 0  # a separator may straddle two chunks
+    buf, offset = b"", 0  # offset: of buf[0] in the file
+    owed = 0  # bytes read but not yet reported
+    open_doc = False  # parts of the current document were yielded
+
+    def piece(data: bytes, at: int, end: bool) -> Iterator[tuple[str, int, bool]]:
+        nonlocal owed, open_doc
+        text = _decode_utf8(data, path, at)
+        if end and not open_doc and not text.strip():  # blank between separators
             stats.empty += 1
+            return
+        yield text, owed, end
+        owed, open_doc = 0, not end
+
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(TEXT_PART_BYTES)
+            stats.update(chunk)
+            owed += len(chunk)
+            buf += chunk
+            start = 0
+            while sep and (i := buf.find(sep, start)) >= 0:
+                yield from piece(buf[start:i], offset + start, True)
+                start = i + len(sep)
+            buf, offset = buf[start:], offset + start
+            if not chunk:
+                break
+            if len(buf) > TEXT_PART_BYTES:
+                cut = _part_end(buf, len(buf) - keep)
+                yield from piece(buf[:cut], offset, False)
+                buf, offset = buf[cut:], offset + cut
+    yield from piece(buf, offset, True)
+
+
+def read_documents(
+    source: Source,
+    text_key: str,
+    max_bytes: int | None,
+    stats: SourceStats | None = None,
+    doc_separator: str | None = None,
+) -> Iterator[tuple[str, int, bool]]:
+    """Yield `(text, input bytes consumed, end)` for one source: non-empty documents, or
+    parts of a long text document (`end` False until its last part)."""
+    stats = stats or SourceStats()
+    if source.kind == "text":
+        yield from _text_documents(source.path, doc_separator, stats)
+        return
+    if source.kind == "stdlib":
+        docs = _stdlib_documents(max_bytes, stats)
+    elif source.kind == "jsonl":
+        docs = _jsonl_documents(source.path, text_key, stats)
+    elif source.kind == "parquet":
+        docs = _parquet_documents(source.path, text_key, stats)
+    elif source.kind == "hf":
+        docs = _hf_documents(source.path, text_key, stats)
+    else:
+        raise ValueError(f"{source.path}: a {source.kind} source holds no text documents")
+    for doc, consumed in docs:
+        yield doc, consumed, True
+
+
+def _stdlib_documents(max_bytes: int | None, stats: SourceStats) -> Iterator[tuple[str, int]]:
+    for doc in stdlib_documents(max_bytes):
+        raw = doc.encode("utf-8")
+        stats.update(raw)
+        yield doc, len(raw)
 
 
 def input_bytes(sources: list[Source], max_bytes: int | None) -> int | None:

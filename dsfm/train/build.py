@@ -102,13 +102,15 @@ def open_data(
 def open_val(
     cfg: Config, world: int, warn: Callable[[str], None]
 ) -> TokenDataset | BlendedDataset | None:
-    """The val split, or None (after `warn`ing why) when there is none to validate on."""
+    """The val split, or None (after `warn`ing why, and what that turns off) when there is
+    none to validate on."""
+    off = "validation, the best checkpoint and early stopping (eval.patience) are off"
     try:
         data = open_data(cfg, "val", warn=warn)
     except ValueError as e:
-        warn(f"no validation ({e})")
+        warn(f"{off}: {e}")
         return None
     if len(data) < world:
-        warn(f"validation split has {len(data)} samples for {world} ranks; skipping validation")
+        warn(f"{off}: the validation split has {len(data)} samples for {world} ranks")
         return None
     return data

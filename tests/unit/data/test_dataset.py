@@ -62,7 +62,7 @@ def test_short_split_is_a_clear_error(data_dir):
     TokenDataset(data_dir, "train", n - 1)  # exactly one sample fits
     with pytest.raises(ValueError, match=rf"has {n} tokens.*needs {n + 1}"):
         TokenDataset(data_dir, "train", n)
-    with pytest.raises(ValueError, match="has 0 tokens"):
+    with pytest.raises(ValueError, match=r"is empty \(prepared with --val-fraction 0\)"):
         TokenDataset(data_dir, "val", 8)
     with pytest.raises(ValueError, match="no 'test' split"):
         TokenDataset(data_dir, "test", 8)

@@ -118,3 +118,20 @@ def test_a_tokenizer_without_any_eos_is_refused_with_the_fix(tmp_path):
     (tok_dir / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(ValueError, match="no end-of-sequence token.*tokenizer_config.json"):
         prepared(tmp_path, tok_dir)
+
+
+def test_a_document_read_in_parts_gets_one_bos_and_one_separator(tmp_path, monkeypatch):
+    """A text file larger than a part is one document: BOS before its first part only."""
+    from dsfm.data import sources
+
+    monkeypatch.setattr(sources, "TEXT_PART_BYTES", 64)
+    tok_dir = families.llama3(tmp_path / "tok", instruct=False)
+    ours = Tokenizer.load(tok_dir)
+    (tmp_path / "book.txt").write_text("".join(f"line {i} of the book\n" for i in range(40)))
+    out = tmp_path / "out"
+    prepare(
+        [str(tmp_path / "book.txt")], out, tokenizer=str(tok_dir), val_fraction=0.0, progress=False
+    )
+    (doc,) = documents(out)
+    assert doc.count(ours.bos_id) == 1 and doc[0] == ours.bos_id
+    assert doc.count(ours.eot_id) == 1 and doc[-1] == ours.eot_id
