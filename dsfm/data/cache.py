@@ -5,9 +5,10 @@ A cache entry is a prepared dataset directory (`prepare.prepare`, tokenizer trai
 inputs) named for what was asked: `ROOT/<first input's stem>-<key>`, the key hashing the
 inputs as absolute paths and the vocabulary size. Before an entry is used it is checked
 against the inputs (`stale`): the same files (a directory or glob that gained or lost one
-is changed), none modified after the entry was written (make's rule: size and content are
-not re-read, so a touched file is prepared again), and a dataset that passes
-`format.read_meta`'s checks. A stale entry is prepared again and replaces the old one only
+is changed), each with the size and modification time it had when it was read (recorded
+beside the entry in `.<entry>.inputs.json`; contents are not re-read, so a touched file is
+prepared again, and clocks need not agree), and a dataset that passes `format.read_meta`'s
+checks. A stale entry is prepared again and replaces the old one only
 when complete (`atomic`, via prepare's `force`).
 
 Several processes, one preparer: data/ knows no ranks, so the caller says who prepares
@@ -32,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dsfm.data.corpus import STDLIB
-from dsfm.data.format import META_FILE, read_meta
+from dsfm.data.format import read_meta
 from dsfm.data.prepare import prepare
 from dsfm.data.sources import HF_PREFIX, resolve_inputs
 
@@ -69,24 +70,35 @@ def entry_dir(inputs: list[str], root: str | Path, vocab_size: int | None) -> Pa
 def stale(entry: Path, inputs: list[str]) -> str | None:
     """Why `entry` does not hold `inputs` as they are now (None: it does)."""
     try:
-        meta = read_meta(entry)
+        read_meta(entry)
+        recorded = json.loads(_stamp_file(entry).read_text())
     except FileNotFoundError:
         return "missing"
-    except ValueError as e:
+    except ValueError as e:  # also a half-written stamp (json's error is a ValueError)
         return f"the cached dataset is unusable ({e})"
-    recorded = {s["path"] for s in meta["sources"]}
-    current = resolve_inputs(inputs)
-    paths = {s.path for s in current}
-    if paths != recorded:
-        added, removed = len(paths - recorded), len(recorded - paths)
+    current = _stamp(inputs)
+    if current.keys() != recorded.keys():
+        added, removed = len(current.keys() - recorded), len(recorded.keys() - current)
         return f"the inputs changed ({added} file(s) added, {removed} removed)"
-    written = (entry / META_FILE).stat().st_mtime
-    newer = [s.path for s in current if s.kind not in ("stdlib", "hf")]
-    newer = [p for p in newer if os.path.getmtime(p) > written]
-    if newer:
-        more = f" and {len(newer) - 1} more" if len(newer) > 1 else ""
-        return f"{newer[0]}{more} changed since {entry.name} was prepared"
+    changed = [path for path, stamp in current.items() if stamp != recorded[path]]
+    if changed:
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        return f"{changed[0]}{more} changed since {entry.name} was prepared"
     return None
+
+
+def _stamp(inputs: list[str]) -> dict[str, list[int] | None]:
+    """Each input file's size and modification time (None for stdlib and hf: datasets)."""
+    return {
+        s.path: None
+        if s.kind in ("stdlib", "hf")
+        else [os.stat(s.path).st_size, os.stat(s.path).st_mtime_ns]
+        for s in resolve_inputs(inputs)
+    }
+
+
+def _stamp_file(entry: Path) -> Path:
+    return entry.with_name(f".{entry.name}.inputs.json")
 
 
 def prepared(
@@ -119,8 +131,13 @@ def prepared(
             say(f"data: preparing {label} into {entry} ({size} trained on it; done once)")
         else:
             say(f"data: {why}; preparing {label} again into {entry}")
+        stamp = _stamp(inputs)  # before reading: a change while preparing shows next time
+        _stamp_file(entry).unlink(missing_ok=True)
         kwargs = {"vocab_size": vocab_size} if vocab_size else {}
         prepare(inputs, entry, force=True, progress=progress, **kwargs)
+        tmp = _stamp_file(entry).with_suffix(".tmp")
+        tmp.write_text(json.dumps(stamp))
+        os.replace(tmp, _stamp_file(entry))
     return entry
 
 
