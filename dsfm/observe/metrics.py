@@ -27,7 +27,7 @@ from dsfm.observe import rundir, summary
 from dsfm.observe.monitor import Monitor
 from dsfm.observe.sinks import open_sinks
 
-SAMPLE_CHARS = 160  # a sample's console line; samples.jsonl keeps the whole text
+SAMPLE_CHARS = 120  # a sample's console line; samples.jsonl keeps the whole text
 
 
 def uniform_baseline(vocab_size: int) -> str:
