@@ -30,7 +30,7 @@ import torch
 
 from dsfm.config.deepspeed import zero_stage
 from dsfm.config.load import load_config
-from dsfm.config.schema import Config, ConfigError
+from dsfm.config.schema import Config
 from dsfm.data import cache
 from dsfm.data.blend import BlendedDataset, open_split
 from dsfm.data.corpus import STDLIB
@@ -128,10 +128,7 @@ def data_overrides(config_path: str | None, overrides: list[str], data: str | No
     """`data.path=DIR` for a run whose data is `--data` (a prepared dataset, or raw text to
     prepare into RUN/data/), or which names no data (the embedded corpus, prepared into
     the user's cache); nothing when the config names its data."""
-    try:
-        cfg = load_config(config_path, overrides)
-    except ConfigError:  # the resolve step reports the config's own problems
-        return [f"data.path={data}"] if data else []
+    cfg = load_config(config_path, overrides)  # a config with problems stops here
     if data and (cfg.data.path or cfg.data.mix):
         raise ValueError(
             f"--data {data} and the config's data.{'path' if cfg.data.path else 'mix'} both "
