@@ -43,7 +43,8 @@ def test_train_and_val_perplexity_in_every_sink(tmp_path, capsys):
     assert "ln V = ln 1024 = 6.93 (ppl 1024)" in out
     assert "loss 5.0000 (ppl 148.4)" in out and "val loss 5.5000 (ppl 244.7)" in out
     (line,) = [x for x in out.splitlines() if x.startswith("sample @ step 2: ")]
-    assert line.startswith("sample @ step 2: 'def ' -> 'f(x):\\n  return x\\n") and len(line) < 200  # cut
+    assert line.startswith("sample @ step 2: 'def ' -> 'f(x):\\n  return x\\n")
+    assert len(line) < 200  # cut
     row = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert row["ppl"] == math.exp(5.0)
     with open(tmp_path / "metrics.csv", newline="") as f:
