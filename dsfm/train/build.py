@@ -36,7 +36,7 @@ from dsfm.data.blend import BlendedDataset, open_split
 from dsfm.data.corpus import STDLIB
 from dsfm.data.dataset import TokenDataset
 from dsfm.data.format import is_dataset_dir
-from dsfm.distributed.env import is_rank0, local_rank, print0
+from dsfm.distributed.env import is_rank0, local_rank
 from dsfm.interop.weights import TensorSource
 from dsfm.model.gpt import GPT
 from dsfm.model.lora import apply_lora
@@ -144,7 +144,7 @@ def data_overrides(config_path: str | None, overrides: list[str], data: str | No
         root or cache.default_root(),
         vocab_size=cfg.model.vocab_size or None,
         prepare_here=local_rank() == 0,
-        say=print0,
+        say=lambda line: print(line, flush=True),  # the preparer of each node speaks
         progress=is_rank0(),
     )
     return [f"data.path={path}"]
