@@ -477,12 +477,18 @@ def skip_norm(norm: float | None) -> bool:
 
 
 def run(
-    config_path: str | None, ds_path: str, overrides: list[str], data: str | None = None
+    config_path: str | None,
+    ds_path: str,
+    overrides: list[str],
+    data: str | None = None,
+    default_corpus: bool = False,
 ) -> dict[str, Any]:
     """Resolve both configs (every problem at once), then train. Returns the final summary
-    (on every rank). `data` (`--data`): a prepared dataset, or raw text to prepare first."""
+    (on every rank). `data` (`--data`): a prepared dataset, or raw text to prepare first;
+    `default_corpus`: a config naming no data trains on the embedded corpus (pretraining)."""
     launch = ensure_env()
-    overrides = [*overrides, *build.data_overrides(config_path, overrides, data)]
+    if data or default_corpus:
+        overrides = [*overrides, *build.data_overrides(config_path, overrides, data)]
     cfg, ds = resolve_configs(config_path, ds_path, overrides, world_size())
     # Stop before building anything if this machine cannot run the DeepSpeed config.
     if problems := preflight(ds, ds_engine.accelerator_name()):
@@ -496,8 +502,20 @@ def run(
 def train_command(
     config: str | None, ds: str, overrides: list[str], data: str | None = None
 ) -> int:
+    return _train(config, ds, overrides, data, default_corpus=True)
+
+
+def _train(
+    config: str | None, ds: str, overrides: list[str], data: str | None, default_corpus: bool
+) -> int:
     try:
-        summary = run(find_recipe(config) if config else None, find_recipe(ds), overrides, data)
+        summary = run(
+            find_recipe(config) if config else None,
+            find_recipe(ds),
+            overrides,
+            data,
+            default_corpus,
+        )
     except CheckpointError as e:  # e.g. disk full: the message says what is intact and what to do
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
@@ -510,4 +528,4 @@ def finetune_command(config: str | None, ds: str, overrides: list[str]) -> int:
             "finetune needs train.init_from=RUN_OR_CHECKPOINT (the model to start "
             "from: a pretraining run, a tag, or a `dsfm import` output)"
         )
-    return train_command(config, ds, overrides)
+    return _train(config, ds, overrides, None, default_corpus=False)  # SFT data is never implied
