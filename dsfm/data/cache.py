@@ -114,6 +114,7 @@ def prepared(
     """The fresh cache entry of `inputs` under `root`, prepared here if needed (when
     `prepare_here`), else waited for. `vocab_size` None trains prepare's default BPE."""
     inputs = absolute(inputs)
+    _stamp(inputs)  # a missing input is an error before anything is said or locked
     entry = entry_dir(inputs, root, vocab_size)
     if not prepare_here:
         while stale(entry, inputs) is not None:

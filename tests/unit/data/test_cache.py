@@ -11,7 +11,6 @@ import pytest
 
 from dsfm.data import cache
 from dsfm.data.format import META_FILE, read_meta
-from dsfm.data.sources import read_documents, resolve_inputs
 
 TEXT = "To be, or not to be, that is the question.\n" * 300
 
@@ -126,7 +125,14 @@ def test_default_root_and_stdlib_entry(monkeypatch, tmp_path):
     assert glob_entry.name.startswith("books-")
 
 
-def test_missing_input_names_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        cache.prepared([str(tmp_path / "nope.txt")], tmp_path, vocab_size=None, prepare_here=True)
-    assert [d for d, _ in read_documents(resolve_inputs(["stdlib"])[0], "text", 10)]
+def test_missing_input_names_it_before_anything_else(tmp_path):
+    said: list[str] = []
+    with pytest.raises(FileNotFoundError, match="nope.txt' does not exist"):
+        cache.prepared(
+            [str(tmp_path / "nope.txt")],
+            tmp_path,
+            vocab_size=None,
+            prepare_here=True,
+            say=said.append,
+        )
+    assert said == [] and list(tmp_path.iterdir()) == []  # no message, no lock file
