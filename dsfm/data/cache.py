@@ -8,8 +8,9 @@ against the inputs (`stale`): the same files (a directory or glob that gained or
 is changed), each with the size and modification time it had when it was read (recorded
 beside the entry in `.<entry>.inputs.json`; contents are not re-read, so a touched file is
 prepared again, and clocks need not agree), and a dataset that passes `format.read_meta`'s
-checks. A stale entry is prepared again and replaces the old one only
-when complete (`atomic`, via prepare's `force`).
+checks; the embedded corpus is stamped with the Python version whose stdlib it is. A stale
+entry is prepared again and replaces the old one only when complete (`atomic`, via
+prepare's `force`).
 
 Several processes, one preparer: data/ knows no ranks, so the caller says who prepares
 (`prepare_here`: local rank 0 of each node, so node-local caches work too). The preparer
@@ -27,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import os
+import platform
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -87,14 +89,19 @@ def stale(entry: Path, inputs: list[str]) -> str | None:
     return None
 
 
-def _stamp(inputs: list[str]) -> dict[str, list[int] | None]:
-    """Each input file's size and modification time (None for stdlib and hf: datasets)."""
-    return {
-        s.path: None
-        if s.kind in ("stdlib", "hf")
-        else [os.stat(s.path).st_size, os.stat(s.path).st_mtime_ns]
-        for s in resolve_inputs(inputs)
-    }
+def _stamp(inputs: list[str]) -> dict[str, list | None]:
+    """Each input file's size and modification time; the Python version for the embedded
+    corpus (its stdlib is the text); None for an hf: dataset."""
+    stamps: dict[str, list | None] = {}
+    for s in resolve_inputs(inputs):
+        if s.kind == "stdlib":
+            stamps[s.path] = [platform.python_version()]
+        elif s.kind == "hf":
+            stamps[s.path] = None
+        else:
+            stat = os.stat(s.path)
+            stamps[s.path] = [stat.st_size, stat.st_mtime_ns]
+    return stamps
 
 
 def _stamp_file(entry: Path) -> Path:

@@ -115,6 +115,15 @@ def test_one_preparer_the_others_wait(tmp_path):
     assert sum("preparing" in m for m in said) == 1 and sum("reusing" in m for m in said) == 1
 
 
+def test_the_embedded_corpus_is_stamped_with_the_python_version(tmp_path, monkeypatch):
+    kw = dict(vocab_size=None, prepare_here=True, say=lambda m: None, progress=False)
+    monkeypatch.setattr("dsfm.data.corpus._unbounded_documents", lambda: iter([TEXT] * 30))
+    entry = cache.prepared(["stdlib"], tmp_path, **kw)
+    assert cache.stale(entry, ["stdlib"]) is None
+    monkeypatch.setattr(cache.platform, "python_version", lambda: "9.99.0")
+    assert cache.stale(entry, ["stdlib"]) == f"stdlib changed since {entry.name} was prepared"
+
+
 def test_default_root_and_stdlib_entry(monkeypatch, tmp_path):
     monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "c"))
     assert cache.default_root() == tmp_path / "c"
