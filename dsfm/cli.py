@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _verb(sub, "train", "pretrain in this process (same code as the launcher)")
     add_train_args(p)
+    p.add_argument(
+        "--data",
+        default=None,
+        help="a prepared dataset directory (= data.path), or raw text to prepare into RUN/data/ "
+        "first and reuse after: a file, directory, glob or JSONL (default, with no data.path: "
+        "the embedded corpus, prepared once into $DSFM_CACHE or ~/.cache/dsfm)",
+    )
     p = _verb(sub, "finetune", "fine-tune from train.init_from (LoRA or full)")
     add_train_args(p, config="configs/sft_lora.yaml")
 

@@ -2,6 +2,9 @@
 
     deepspeed launchers/pretrain.py --ds ds_configs/zero2.json --config configs/d12.yaml \
         data.path=data/mycorpus train.max_steps=1000
+
+`--data corpus.txt` prepares raw text into RUN/data/ first; with no data at all it trains on
+the embedded corpus (prepared once into $DSFM_CACHE, default ~/.cache/dsfm).
 """
 
 import sys

@@ -7,10 +7,15 @@ Step rows go to every sink and through the health monitor (`monitor.py`), whose 
 are logged as event rows and printed in yellow whatever the sinks. MFU uses the PaLM
 FLOPs-per-token formula against the accelerator's dense bf16 peak (`dsfm.gpus`); it is null
 where the peak is unknown (CPU).
+
+What a newcomer needs to read the numbers is printed with them: train perplexity beside
+val perplexity, the loss of a model that knows nothing (`uniform_baseline`) at the start,
+and each eval's sample generations (`sample`), one truncated line per prompt.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,25 @@ from dsfm.config.schema import LogConfig
 from dsfm.observe import rundir, summary
 from dsfm.observe.monitor import Monitor
 from dsfm.observe.sinks import open_sinks
+
+SAMPLE_CHARS = 120  # a sample's console line; samples.jsonl keeps the whole text
+
+
+def uniform_baseline(vocab_size: int) -> str:
+    """What the first loss is judged against: uniform guessing over the vocabulary."""
+    ln_v = math.log(vocab_size)
+    return (
+        f"baseline: a model that knows nothing scores ln V = ln {vocab_size} = {ln_v:.2f} "
+        f"(ppl {vocab_size}); the first loss should be near it, and every nat below is learned"
+    )
+
+
+def sample_line(row: dict[str, Any], limit: int = SAMPLE_CHARS) -> str:
+    """`sample @ step N: 'prompt' -> 'completion'` on one line (quoted, so newlines and
+    spaces show), the completion cut to `limit` characters."""
+    text = row["completion"]
+    cut = text if len(text) <= limit else text[:limit] + "…"
+    return f"sample @ step {row['step']}: {row['prompt']!r} -> {cut!r}"
 
 
 def mfu(
@@ -85,8 +109,10 @@ class RunLogger:
         rundir.append_row(self.metrics, row)
 
     def sample(self, row: dict[str, Any]) -> None:
+        """A generation to samples.jsonl, and with the console sink one line of it."""
         if self.enabled:
             rundir.append_row(self.samples, row)
+            self.info(sample_line(row))
 
     def info(self, text: str) -> None:
         """Progress talk: only with the console sink."""

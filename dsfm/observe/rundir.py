@@ -9,6 +9,7 @@
       tokenizer.json     the data's tokenizer (`dsfm.data.tokenizer`)
       metrics.csv        tensorboard/   wandb/              what the chosen sinks write
       checkpoints/       tags, `latest` (their layout: `dsfm.train.checkpoint`)
+      data/              datasets prepared from `dsfm train --data RAW` (`dsfm.data.cache`)
 
 Design choices:
 - Paths only and the plain files' reading and writing; no torch, so `dsfm runs` and
@@ -36,10 +37,16 @@ SUMMARY = "summary.json"
 METRICS_CSV = "metrics.csv"
 TENSORBOARD = "tensorboard"  # W&B makes RUN/wandb/ itself
 CHECKPOINTS = "checkpoints"
+DATA = "data"
 
 
 def checkpoints_dir(run: str | Path) -> Path:
     return Path(run) / CHECKPOINTS
+
+
+def data_dir(run: str | Path) -> Path:
+    """Where `dsfm train --data RAW` caches the dataset it prepares, beside the run's files."""
+    return Path(run) / DATA
 
 
 def is_run_dir(path: str | Path) -> bool:

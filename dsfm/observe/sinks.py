@@ -4,6 +4,8 @@ One class per sink (`log.sinks` in the config picks them), each with `log(row)` 
 `close()`; `RunLogger` (metrics.py) fans step rows out to them, on rank 0 only. Event rows
 (warnings, rollbacks, preemption) stay in metrics.jsonl and on the console.
 
+- Train perplexity (`ppl`) sits beside val perplexity (`val_ppl`) in every sink: the
+  console's status line, CSV columns, `train/ppl` and `val/ppl` scalars.
 - TensorBoard and W&B share one scalar naming: `train/<key>` for a step's keys and
   `val/<key>` for an eval's (`val_loss` -> `val/loss`, a blend's `val_loss/<source>` ->
   `val/loss/<source>`); dict values are flattened to `key/<name>`; booleans and nulls are
@@ -65,7 +67,7 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
 def status_line(row: dict[str, Any], max_steps: int) -> str:
     parts = [
         f"step {row['step']}/{max_steps}",
-        f"loss {row['loss']:.4f}",
+        f"loss {row['loss']:.4f}" + (f" (ppl {row['ppl']:.1f})" if "ppl" in row else ""),
         f"lr {row['lr']:.2e}",
         f"gnorm {row['grad_norm']:.3f}" if row.get("grad_norm") is not None else "gnorm -",
         f"{row['tok_per_s'] / 1e3:.1f}k tok/s",
@@ -73,7 +75,7 @@ def status_line(row: dict[str, Any], max_steps: int) -> str:
     if row.get("mfu") is not None:
         parts.append(f"mfu {100 * row['mfu']:.1f}%")
     if "val_loss" in row:
-        parts.append(f"val {row['val_loss']:.4f} (ppl {row['val_ppl']:.1f})")
+        parts.append(f"val loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.1f})")
     return " | ".join(parts)
 
 

@@ -12,6 +12,10 @@ Design choices:
   LM-head rows start at the mean of the old ones.
 - `data.path` is one dataset; `data.mix` a blend, shuffled per source for training, and
   for validation each source's first samples (the same every eval).
+- Data a run is given raw (`dsfm train --data corpus.txt`), or no data at all (the
+  embedded corpus), becomes `data.path` before the configs are resolved (`data_overrides`):
+  a cached dataset (`dsfm.data.cache`) in RUN/data/ or in $DSFM_CACHE (~/.cache/dsfm).
+  Local rank 0 of each node prepares it; the other ranks wait for it.
 """
 
 from __future__ import annotations
@@ -25,12 +29,18 @@ import numpy as np
 import torch
 
 from dsfm.config.deepspeed import zero_stage
+from dsfm.config.load import load_config
 from dsfm.config.schema import Config
+from dsfm.data import cache
 from dsfm.data.blend import BlendedDataset, open_split
+from dsfm.data.corpus import STDLIB
 from dsfm.data.dataset import TokenDataset
+from dsfm.data.format import is_dataset_dir
+from dsfm.distributed.env import is_rank0, local_rank
 from dsfm.interop.weights import TensorSource
 from dsfm.model.gpt import GPT
 from dsfm.model.lora import apply_lora
+from dsfm.observe import rundir
 from dsfm.train import checkpoint
 from dsfm.train import engine as ds_engine
 
@@ -114,3 +124,29 @@ def open_val(
         warn(f"{off}: the validation split has {len(data)} samples for {world} ranks")
         return None
     return data
+
+
+def data_overrides(config_path: str | None, overrides: list[str], data: str | None) -> list[str]:
+    """`data.path=DIR` for a run whose data is `--data` (a prepared dataset, or raw text to
+    prepare into RUN/data/), or which names no data (the embedded corpus, prepared into
+    the user's cache); nothing when the config names its data."""
+    cfg = load_config(config_path, overrides)  # a config with problems stops here
+    if data and (cfg.data.path or cfg.data.mix):
+        raise ValueError(
+            f"--data {data} and the config's data.{'path' if cfg.data.path else 'mix'} both "
+            "name the training data; pass one of them"
+        )
+    if cfg.data.path or cfg.data.mix:
+        return []
+    if data and is_dataset_dir(data):
+        return [f"data.path={data}"]
+    inputs, root = ([data], rundir.data_dir(cfg.train.out_dir)) if data else ([STDLIB], None)
+    path = cache.prepared(
+        inputs,
+        root or cache.default_root(),
+        vocab_size=cfg.model.vocab_size or None,
+        prepare_here=local_rank() == 0,
+        say=lambda line: print(line, flush=True),  # the preparer of each node speaks
+        progress=is_rank0(),
+    )
+    return [f"data.path={path}"]

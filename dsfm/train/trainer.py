@@ -45,9 +45,10 @@ from dsfm.data.tokenizer import Tokenizer, copy_tokenizer, tokenizer_file
 from dsfm.distributed.collectives import barrier, mean_and_any
 from dsfm.distributed.env import describe, ensure_env, is_rank0, print0, rank, world_size
 from dsfm.doctor import preflight
+from dsfm.eval.loss import perplexity
 from dsfm.gpus import peak_flops
 from dsfm.observe import rundir
-from dsfm.observe.metrics import RunLogger, mfu
+from dsfm.observe.metrics import RunLogger, mfu, uniform_baseline
 from dsfm.observe.monitor import EarlyStopping
 from dsfm.observe.numbers import finite_or_none
 from dsfm.testing import faults
@@ -258,6 +259,7 @@ class Trainer:
             "step": c.step,
             "tokens": c.tokens,
             "loss": loss_mean,
+            "ppl": perplexity(loss_mean),
             "lr": lr,
             "grad_norm": finite_or_none(norm),
             "tok_per_s": tok_per_s,
@@ -297,6 +299,7 @@ class Trainer:
             f"{self.world} rank(s) on {self.device.type} | ZeRO-{zero_stage(self.ds)} "
             f"{precision(self.ds)} | global batch {self.global_batch} x {t.seq_len} tokens"
         )
+        log.info(uniform_baseline(self.cfg.model.vocab_size))
         return log
 
     def _event_row(self, result: StepResult) -> dict[str, Any]:
@@ -473,10 +476,19 @@ def skip_norm(norm: float | None) -> bool:
 # ---------------------------------------------------------------------- entry points
 
 
-def run(config_path: str | None, ds_path: str, overrides: list[str]) -> dict[str, Any]:
+def run(
+    config_path: str | None,
+    ds_path: str,
+    overrides: list[str],
+    data: str | None = None,
+    default_corpus: bool = False,
+) -> dict[str, Any]:
     """Resolve both configs (every problem at once), then train. Returns the final summary
-    (on every rank)."""
+    (on every rank). `data` (`--data`): a prepared dataset, or raw text to prepare first;
+    `default_corpus`: a config naming no data trains on the embedded corpus (pretraining)."""
     launch = ensure_env()
+    if data or default_corpus:
+        overrides = [*overrides, *build.data_overrides(config_path, overrides, data)]
     cfg, ds = resolve_configs(config_path, ds_path, overrides, world_size())
     # Stop before building anything if this machine cannot run the DeepSpeed config.
     if problems := preflight(ds, ds_engine.accelerator_name()):
@@ -487,9 +499,23 @@ def run(config_path: str | None, ds_path: str, overrides: list[str]) -> dict[str
     return Trainer(cfg, ds).fit()
 
 
-def train_command(config: str | None, ds: str, overrides: list[str]) -> int:
+def train_command(
+    config: str | None, ds: str, overrides: list[str], data: str | None = None
+) -> int:
+    return _train(config, ds, overrides, data, default_corpus=True)
+
+
+def _train(
+    config: str | None, ds: str, overrides: list[str], data: str | None, default_corpus: bool
+) -> int:
     try:
-        summary = run(find_recipe(config) if config else None, find_recipe(ds), overrides)
+        summary = run(
+            find_recipe(config) if config else None,
+            find_recipe(ds),
+            overrides,
+            data,
+            default_corpus,
+        )
     except CheckpointError as e:  # e.g. disk full: the message says what is intact and what to do
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
@@ -502,4 +528,4 @@ def finetune_command(config: str | None, ds: str, overrides: list[str]) -> int:
             "finetune needs train.init_from=RUN_OR_CHECKPOINT (the model to start "
             "from: a pretraining run, a tag, or a `dsfm import` output)"
         )
-    return train_command(config, ds, overrides)
+    return _train(config, ds, overrides, None, default_corpus=False)  # SFT data is never implied

@@ -75,13 +75,14 @@ def test_all_sinks_warning_and_summary(byte_data, tmp_path, monkeypatch, offline
         table = list(csv.DictReader(f))
     assert [int(r["step"]) for r in table] == list(range(1, 9))
     for c, j in zip(table, steps):
-        for key in ("loss", "lr", "grad_norm", "tok_per_s", "tokens"):
+        for key in ("loss", "ppl", "lr", "grad_norm", "tok_per_s", "tokens"):
             assert float(c[key]) == j[key], key
         assert c["val_loss"] == (repr(j["val_loss"]) if "val_loss" in j else "")
 
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
-    for tag, key in (("train/loss", "loss"), ("train/lr", "lr"), ("val/loss", "val_loss")):
+    tags = [("train/loss", "loss"), ("train/ppl", "ppl"), ("train/lr", "lr")]
+    for tag, key in [*tags, ("val/loss", "val_loss"), ("val/ppl", "val_ppl")]:
         want = [(r["step"], r[key]) for r in steps if key in r]
         got = [(e.step, e.value) for e in acc.Scalars(tag)]
         assert got == [(s, pytest.approx(v, rel=1e-6)) for s, v in want], tag  # float32
