@@ -42,6 +42,8 @@ from dsfm.distributed.env import print0
 from dsfm.observe.rundir import checkpoints_dir
 
 STEP_TAG = re.compile(r"^step_(\d+)$")
+EPOCH_TAG = re.compile(r"^epoch_(\d+)$")
+NAMED_TAGS = ("best", "final")
 STATE_FILE = "dsfm_state.json"
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -66,6 +68,21 @@ MODEL_FIELDS_THAT_MUST_MATCH = (
 
 def step_tag(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def epoch_tag(epoch: int) -> str:
+    return f"epoch_{epoch}"
+
+
+def tag_name(text: str) -> str | None:
+    """A tag's name as written (`step_8` for `step_00000008`), or None if `text` names no tag."""
+    if text in (*NAMED_TAGS, LATEST):
+        return text
+    if m := STEP_TAG.match(text):
+        return step_tag(int(m.group(1)))
+    if m := EPOCH_TAG.match(text):
+        return epoch_tag(int(m.group(1)))
+    return None
 
 
 def rng_file(tag_dir: Path, rank: int) -> Path:
@@ -248,6 +265,27 @@ def resolve(path: str | Path) -> tuple[Path, str]:
             "at a saved tag, and no complete step tag); has the run saved one yet?"
         )
     return p, tag
+
+
+def locate(run_dir: str | Path, name: str) -> tuple[Path, str]:
+    """train.resume_from as (checkpoints dir, tag): a tag's name in `run_dir` (best, final,
+    latest, step_N, epoch_N) or a path (a tag directory; a run or checkpoints directory
+    gives its newest complete tag). FileNotFoundError names the tags there are."""
+    tag = tag_name(name)
+    if tag is None:
+        return resolve(name)
+    here = checkpoints_dir(run_dir)
+    if tag == LATEST:
+        tag = resumable_tag(here, warn=False) or tag
+    reason = incomplete_reason(here, tag)
+    if reason is not None:
+        have = published_tags(here)
+        raise FileNotFoundError(
+            f"{name}: no complete tag {tag} in {here} ({reason}); "
+            + (f"its tags: {', '.join(have)}" if have else "it holds no checkpoint")
+            + " (or pass the path of a tag directory)"
+        )
+    return here, tag
 
 
 # ---------------------------------------------------------------------------------------
