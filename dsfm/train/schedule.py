@@ -29,7 +29,7 @@ from dsfm.config.schema import ScheduleConfig
 def lr_at(k: int, s: ScheduleConfig, peak: float, max_steps: int) -> float:
     """The LR of update `k` (0-based) of a `max_steps`-update run peaking at `peak`."""
     if k < s.warmup_steps:
-        return peak * (k + 1) / s.warmup_steps
+        return peak * ((k + 1) / s.warmup_steps)  # the fraction first: exactly 1 at the end
     floor = peak * s.min_lr_ratio
     last = max_steps - 1
     k = min(k, last)  # past the end (not reached by training): stay at the floor

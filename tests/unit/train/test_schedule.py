@@ -37,6 +37,7 @@ CASES = [  # (max_steps, warmup, min_lr_ratio, decay_fraction)
     (37, 0, 0.0, 0.5),
     (10, 9, 0.3, 0.1),
     (50, 1, 1.0, 1.0 - 1 / 50),
+    (14, 3, 0.1, 0.3),  # 3e-3 * 3 / 3 is not 3e-3 in floating point
 ]
 
 

@@ -1,0 +1,143 @@
+"""Epochs, exact LR schedules, epoch tags and resuming from a chosen tag, through `dsfm train`
+(one process, ZeRO-0 fp32: bit-exact on CPU).
+
+One small real dataset (35 training samples of 32 tokens, a global batch of 8): 3 epochs
+resolve to ceil(3 x 35 / 8) = 14 updates, and passes complete at steps 5, 9 and 14.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import pytest
+
+from dsfm.config.schema import ScheduleConfig
+from dsfm.observe import rundir
+from dsfm.train import checkpoint
+from dsfm.train.schedule import lr_at
+from tests.conftest import TINY, dsfm, read_metrics, run_cmd
+
+STEPS, PEAK = 14, 3e-3
+SCHEDULE = ScheduleConfig(kind="cosine", warmup_steps=3, min_lr_ratio=0.1)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    from dsfm.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "small"
+    prepare(["stdlib"], out, tokenizer="byte", max_bytes=6000, val_fraction=0.2, progress=False)
+    return out
+
+
+def args(data, run_dir, *more):
+    return [
+        *TINY,
+        f"data.path={data}",
+        f"train.out_dir={run_dir}",
+        "schedule.kind=cosine",
+        "schedule.warmup_steps=3",
+        "eval.every=0",
+        "checkpoint.every=4",
+        "checkpoint.keep_last=2",
+        "checkpoint.every_epoch=true",
+        *more,
+    ]
+
+
+def steps(run_dir):
+    """Step rows as the run reads them: a step trained again (resume, rollback) replaces
+    the rows from it on."""
+    return rundir.read_metrics(run_dir)[0]
+
+
+@pytest.fixture(scope="module")
+def full_run(small_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sched") / "full"
+    out = dsfm("train", *args(small_data, run_dir, "train.epochs=3"))
+    return run_dir, out.stdout
+
+
+def test_epochs_resolve_print_and_tag(full_run):
+    run_dir, stdout = full_run
+    assert f"train.epochs=3: 35 samples per pass / global batch 8 -> train.max_steps={STEPS}" in (
+        stdout
+    )
+    assert [r["step"] for r in steps(run_dir)] == list(range(1, STEPS + 1))
+    ckpts = run_dir / "checkpoints"
+    # keep_last=2 pruned step_4; epoch tags are kept besides, like best and final
+    assert set(checkpoint.published_tags(ckpts)) == {
+        "step_00000008",
+        "step_00000012",
+        "epoch_1",
+        "epoch_2",
+        "epoch_3",
+        "best",  # the end-of-run validation
+        "final",
+    }
+    passes = {f"epoch_{n}": checkpoint.client_state(ckpts, f"epoch_{n}") for n in (1, 2, 3)}
+    assert [s["step"] for s in passes.values()] == [5, 9, 14]
+    assert all(s["sampler"]["consumed_samples"] >= 35 * n for n, s in enumerate(passes.values(), 1))
+
+
+def test_lr_column_is_the_closed_form(full_run):
+    lrs = [r["lr"] for r in steps(full_run[0])]
+    assert lrs == [lr_at(k, SCHEDULE, PEAK, STEPS) for k in range(STEPS)]
+    assert lrs[2] == PEAK and lrs[-1] == pytest.approx(PEAK * 0.1, rel=1e-12)
+    assert lrs[:3] == pytest.approx([PEAK / 3, 2 * PEAK / 3, PEAK], rel=1e-15)
+
+
+def test_resume_from_a_step_tag_into_a_new_run(full_run, small_data, tmp_path):
+    """Weights, optimizer, schedule and data position come from step 8 of the full run;
+    the new run's steps 9..14 are the full run's, bit for bit."""
+    full, _ = full_run
+    run_dir = tmp_path / "branch"
+    source = full / "checkpoints" / "step_00000008"
+    out = dsfm("train", *args(small_data, run_dir, "train.epochs=3", f"train.resume_from={source}"))
+    assert f"resumed from {source} at step 8" in out.stdout
+    got = [(r["step"], r["loss"], r["lr"]) for r in steps(run_dir)]
+    assert got == [(r["step"], r["loss"], r["lr"]) for r in steps(full)[8:]]
+    # the data position came along: pass 2 still completes at step 9, pass 3 at 14
+    assert {"epoch_2", "epoch_3", "final"} <= set(
+        checkpoint.published_tags(run_dir / "checkpoints")
+    )
+    assert checkpoint.client_state(run_dir / "checkpoints", "epoch_2")["step"] == 9
+
+
+def test_rewind_in_place_with_a_rollback_then_requeue(full_run, small_data, tmp_path):
+    """resume_from=epoch_1 rewinds a copy of the full run to step 5; NaN losses at steps 7
+    and 8 roll back to step 6 with half the LR: every LR is still the closed form (times the
+    rollback scale). The same command again (a requeued job) goes on from the run's own
+    latest tag instead of rewinding again."""
+    run_dir = tmp_path / "rewind"
+    shutil.copytree(full_run[0], run_dir)
+    cmd = [
+        sys.executable,
+        "-m",
+        "dsfm.cli",
+        "train",
+        *args(small_data, run_dir, "train.epochs=3", "train.resume_from=epoch_1"),
+        "checkpoint.every=2",
+        "train.max_bad_steps=2",
+        "train.rollback_lr_scale=0.5",
+    ]
+    out = run_cmd(cmd, env={"DSFM_FAULT": "nan_at=7-8"})
+    assert "resumed from" in out.stdout and "epoch_1 at step 5" in out.stdout
+    rows = read_metrics(run_dir)
+    rollback = next(r for r in rows if r.get("event") == "rollback")
+    assert rollback["to_tag"] == "step_00000006" and rollback["lr_scale"] == 0.5
+    lrs = [(r["step"], r["lr"]) for r in steps(run_dir)]
+    assert lrs == [
+        (k + 1, lr_at(k, SCHEDULE, PEAK, STEPS) * (0.5 if k >= 6 else 1.0)) for k in range(STEPS)
+    ]
+    again = run_cmd(cmd)
+    assert "already continued from it; going on from final" in again.stdout
+    assert "run already complete at step 14" in again.stdout
+    assert [(r["step"], r["lr"]) for r in steps(run_dir)] == lrs
+
+
+def test_a_missing_tag_lists_the_tags_there_are(full_run, small_data):
+    out = dsfm("train", *args(small_data, full_run[0], "train.resume_from=step_3"), check=False)
+    assert out.returncode == 2
+    assert "no complete tag step_00000003" in out.stderr and "epoch_1" in out.stderr
