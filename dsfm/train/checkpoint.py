@@ -9,6 +9,8 @@
         tokenizer.json       the tokenizer, so a tag describes itself
         manifest.json        every file of the tag and its size, written last
       best/  final/        extra tags: lowest val loss, end of training
+      epoch_3/             checkpoint.every_epoch: after the update completing pass 3 (kept,
+                           like best and final: `prune` removes step tags only)
     A plain checkpoint (`dsfm merge`, `dsfm import`; `dsfm.interop.weights`) is one tag
     directory whose weights are `model.safetensors` instead of the engine's files.
 
@@ -23,7 +25,7 @@ Design choices:
 - A tag is complete when its manifest matches the files on disk (sizes: a stat per file,
   cheap for any model size; same-size damage is not detected) and its client state parses.
   Resume and `resolve` take `latest`'s tag when complete, else the newest complete step
-  tag, with a warning for each one skipped.
+  tag, with a warning for each one skipped; `locate` finds train.resume_from's tag.
 - No torch here: `dsfm runs`, the config's resolve step and `dsfm plan` read tags too. The
   engine's side (saving, loading, re-sharding) is `checkpointer.py`.
 """
