@@ -73,8 +73,10 @@ LENGTH_KEYS = {"max_steps", "epochs"}  # one of them says how long a run is
 
 
 def _length_problems(raw: dict[str, Any], where: str) -> list[str]:
+    """Both lengths in one layer: a problem, and `epochs` dropped (no follow-on problems)."""
     train = raw.get("train")
     if isinstance(train, dict) and LENGTH_KEYS <= train.keys():
+        del train["epochs"]
         return [
             f"train.max_steps and train.epochs are both set in {where}; set one (epochs "
             "resolve to steps from the dataset size and the global batch)"
