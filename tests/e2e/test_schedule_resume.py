@@ -11,6 +11,7 @@ import shutil
 import sys
 
 import pytest
+import torch
 
 from dsfm.config.schema import ScheduleConfig
 from dsfm.observe import rundir
@@ -86,6 +87,14 @@ def test_lr_column_is_the_closed_form(full_run):
     assert lrs == [lr_at(k, SCHEDULE, PEAK, STEPS) for k in range(STEPS)]
     assert lrs[2] == PEAK and lrs[-1] == pytest.approx(PEAK * 0.1, rel=1e-12)
     assert lrs[:3] == pytest.approx([PEAK / 3, 2 * PEAK / 3, PEAK], rel=1e-15)
+    # the optimizer itself used it (not only the row): its saved groups hold the last LR
+    for tag, step in (("step_00000012", 12), ("final", STEPS)):
+        states = torch.load(
+            full_run[0] / "checkpoints" / tag / "mp_rank_00_model_states.pt",
+            map_location="cpu",
+            weights_only=False,
+        )
+        assert [g["lr"] for g in states["optimizer"]["param_groups"]] == [lrs[step - 1]] * 2
 
 
 def test_resume_from_a_step_tag_into_a_new_run(full_run, small_data, tmp_path):
@@ -137,7 +146,12 @@ def test_rewind_in_place_with_a_rollback_then_requeue(full_run, small_data, tmp_
     assert [(r["step"], r["lr"]) for r in steps(run_dir)] == lrs
 
 
-def test_a_missing_tag_lists_the_tags_there_are(full_run, small_data):
+def test_a_missing_tag_or_another_models_tag_is_refused(full_run, small_data):
     out = dsfm("train", *args(small_data, full_run[0], "train.resume_from=step_3"), check=False)
     assert out.returncode == 2
     assert "no complete tag step_00000003" in out.stderr and "epoch_1" in out.stderr
+    # a tag of another model: the same check as any restart, before anything is built
+    other = [*args(small_data, full_run[0].parent / "other"), "model.n_layers=3"]
+    out = dsfm("train", *other, f"train.resume_from={full_run[0]}", check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "holds a different model" in out.stderr and "model.n_layers: checkpoint 2" in out.stderr
