@@ -28,14 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dsfm.data.format import (
-    bin_path,
-    open_mask,
-    open_tokens,
-    read_meta,
-    shard_samples,
-    shards,
-)
+from dsfm.data.format import bin_path, open_mask, open_tokens, read_meta, shards
 
 
 class TokenDataset:
@@ -56,7 +49,7 @@ class TokenDataset:
         self.eot_id: int = self.meta["eot_id"]
         self.n_tokens: int = self.meta["splits"][split]["tokens"]
         self.shards = shards(self.meta, split)
-        sizes = shard_samples(self.meta, split, seq_len)
+        sizes = [max(0, (shard["tokens"] - 1) // seq_len) for shard in self.shards]
         if sum(sizes) == 0:
             raise ValueError(
                 f"the {split!r} split of {self.data_dir} has {self.n_tokens} tokens, but one "
