@@ -1,8 +1,9 @@
 """Epochs, exact LR schedules, epoch tags and resuming from a chosen tag, through `dsfm train`
 (one process, ZeRO-0 fp32: bit-exact on CPU).
 
-One small real dataset (35 training samples of 32 tokens, a global batch of 8): 3 epochs
-resolve to ceil(3 x 35 / 8) = 14 updates, and passes complete at steps 5, 9 and 14.
+One small real dataset (37 training samples of 32 tokens, no val split; a global batch of
+8): 3 epochs resolve to ceil(3 x 37 / 8) = 14 updates, and passes complete at steps 5
+(40 samples >= 37), 10 (80 >= 74) and 14.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from dsfm.config.schema import ScheduleConfig
+from dsfm.data.dataset import TokenDataset
 from dsfm.observe import rundir
 from dsfm.train import checkpoint
 from dsfm.train.schedule import lr_at
@@ -28,7 +30,8 @@ def small_data(tmp_path_factory):
     from dsfm.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("data") / "small"
-    prepare(["stdlib"], out, tokenizer="byte", max_bytes=6000, val_fraction=0.2, progress=False)
+    prepare(["stdlib"], out, tokenizer="byte", max_bytes=1200, val_fraction=0.0, progress=False)
+    assert len(TokenDataset(out, "train", 32)) == 37
     return out
 
 
@@ -62,7 +65,7 @@ def full_run(small_data, tmp_path_factory):
 
 def test_epochs_resolve_print_and_tag(full_run):
     run_dir, stdout = full_run
-    assert f"train.epochs=3: 35 samples per pass / global batch 8 -> train.max_steps={STEPS}" in (
+    assert f"train.epochs=3: 37 samples per pass / global batch 8 -> train.max_steps={STEPS}" in (
         stdout
     )
     assert [r["step"] for r in steps(run_dir)] == list(range(1, STEPS + 1))
@@ -74,12 +77,11 @@ def test_epochs_resolve_print_and_tag(full_run):
         "epoch_1",
         "epoch_2",
         "epoch_3",
-        "best",  # the end-of-run validation
         "final",
     }
     passes = {f"epoch_{n}": checkpoint.client_state(ckpts, f"epoch_{n}") for n in (1, 2, 3)}
-    assert [s["step"] for s in passes.values()] == [5, 9, 14]
-    assert all(s["sampler"]["consumed_samples"] >= 35 * n for n, s in enumerate(passes.values(), 1))
+    assert [s["step"] for s in passes.values()] == [5, 10, 14]
+    assert [s["sampler"]["consumed_samples"] for s in passes.values()] == [40, 80, 112]
 
 
 def test_lr_column_is_the_closed_form(full_run):
@@ -107,11 +109,11 @@ def test_resume_from_a_step_tag_into_a_new_run(full_run, small_data, tmp_path):
     assert f"resumed from {source} at step 8" in out.stdout
     got = [(r["step"], r["loss"], r["lr"]) for r in steps(run_dir)]
     assert got == [(r["step"], r["loss"], r["lr"]) for r in steps(full)[8:]]
-    # the data position came along: pass 2 still completes at step 9, pass 3 at 14
+    # the data position came along: pass 2 still completes at step 10, pass 3 at 14
     assert {"epoch_2", "epoch_3", "final"} <= set(
         checkpoint.published_tags(run_dir / "checkpoints")
     )
-    assert checkpoint.client_state(run_dir / "checkpoints", "epoch_2")["step"] == 9
+    assert checkpoint.client_state(run_dir / "checkpoints", "epoch_2")["step"] == 10
 
 
 def test_rewind_in_place_with_a_rollback_then_requeue(full_run, small_data, tmp_path):
