@@ -17,6 +17,7 @@ from typing import Any
 from dsfm.config.deepspeed import precision as ds_precision
 from dsfm.config.deepspeed import read_ds_config
 from dsfm.config.load import find_recipe, load_config
+from dsfm.config.resolve import train_samples
 from dsfm.config.schema import Config
 from dsfm.data.format import META_FILE, read_meta_file
 from dsfm.gpus import find_gpu
@@ -262,7 +263,21 @@ def make_plan(
             f"global batch {global_batch} (train.global_batch_size) does not split over "
             f"{hw.n_gpus} GPUs; pick a multiple of the GPU count"
         )
-    planned = tokens if tokens is not None else t.max_steps * global_batch * t.seq_len
+    planned, source = tokens, "--tokens"
+    if tokens is None and t.epochs is not None:
+        try:
+            samples = train_samples(cfg)
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(
+                f"train.epochs={t.epochs}: cannot count the training samples ({e}); "
+                "point data.path at the prepared dataset or pass --tokens"
+            ) from None
+        planned, source = t.epochs * samples * t.seq_len, "train.epochs x samples x seq_len"
+    elif tokens is None:
+        planned, source = (
+            t.max_steps * global_batch * t.seq_len,
+            "max_steps x global batch x seq_len",
+        )
     n_params, n_non_emb = num_params(cfg.model), num_params(cfg.model, non_embedding=True)
     fpt = flops_per_token(cfg.model, t.seq_len)
     time_s = None
@@ -299,7 +314,7 @@ def make_plan(
         },
         "flops_per_token": fpt,
         "tokens": planned,
-        "tokens_source": "--tokens" if tokens is not None else "max_steps x global batch x seq_len",
+        "tokens_source": source,
         "total_flops": fpt * planned,
         "chinchilla_tokens": CHINCHILLA_TOKENS_PER_PARAM * n_params,
         "mfu": mfu,

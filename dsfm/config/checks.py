@@ -7,7 +7,14 @@ checkpoints and packages a config names exist is the resolve step's question (`r
 
 from __future__ import annotations
 
-from dsfm.config.schema import LOG_SINKS, PRECISIONS, WANDB_MODES, Config, suggest
+from dsfm.config.schema import (
+    LOG_SINKS,
+    PRECISIONS,
+    SCHEDULE_KINDS,
+    WANDB_MODES,
+    Config,
+    suggest,
+)
 
 AT_LEAST_ONE = [
     ("train", "max_steps"),
@@ -56,10 +63,19 @@ def check(cfg: Config, world_size: int = 1) -> list[str]:
         p.append(f"optim.betas must each be in [0, 1), got {list(o.betas)}")
     if not 0.0 <= s.min_lr_ratio <= 1.0:
         p.append(f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
-    if t.max_steps and s.warmup_steps >= t.max_steps:
+    if s.kind not in SCHEDULE_KINDS:
+        p.append(f"schedule.kind: unknown kind {s.kind!r}{suggest(s.kind, list(SCHEDULE_KINDS))}")
+    if not 0.0 < s.decay_fraction <= 1.0:
+        p.append(f"schedule.decay_fraction must be in (0, 1], got {s.decay_fraction}")
+    if t.epochs is not None and t.epochs < 1:
+        p.append(f"train.epochs must be >= 1, got {t.epochs}")
+    if t.epochs is None:  # with epochs, max_steps is known after the resolve step
+        p += steps_problems(cfg)
+    if t.init_from and t.resume_from:
         p.append(
-            f"schedule.warmup_steps={s.warmup_steps} must be below train.max_steps="
-            f"{t.max_steps} (there would be no cosine phase)"
+            f"train.init_from={t.init_from} and train.resume_from={t.resume_from} are both "
+            "set; init_from starts a new run from weights only, resume_from continues a run "
+            "(weights, optimizer, schedule, data position): pick one"
         )
     if not 0.0 < t.rollback_lr_scale <= 1.0:
         p.append(f"train.rollback_lr_scale must be in (0, 1], got {t.rollback_lr_scale}")
@@ -70,8 +86,6 @@ def check(cfg: Config, world_size: int = 1) -> list[str]:
         )
     p += _log_problems(cfg)
     p += cfg.lora.problems()
-    if t.stop_at is not None and not 0 < t.stop_at <= t.max_steps:
-        p.append(f"train.stop_at={t.stop_at} must be in [1, train.max_steps={t.max_steps}]")
     if t.precision is not None and t.precision not in PRECISIONS:
         p.append(
             f"train.precision must be one of {', '.join(PRECISIONS)} (or null), got {t.precision!r}"
@@ -85,6 +99,26 @@ def check(cfg: Config, world_size: int = 1) -> list[str]:
                 f"({world_size}) = {actual}; adjust grad_accum or micro_batch_size"
             )
     p += _data_problems(cfg)
+    return p
+
+
+def steps_problems(cfg: Config) -> list[str]:
+    """The rules that need train.max_steps (resolved from train.epochs, if that is set)."""
+    t, s = cfg.train, cfg.schedule
+    p = []
+    if t.max_steps and s.warmup_steps >= t.max_steps:
+        p.append(
+            f"schedule.warmup_steps={s.warmup_steps} must be below train.max_steps="
+            f"{t.max_steps} (there would be no decay phase)"
+        )
+    elif s.kind == "wsd" and s.decay_steps(t.max_steps) > t.max_steps - s.warmup_steps:
+        p.append(
+            f"schedule.decay_fraction={s.decay_fraction} decays over the last "
+            f"{s.decay_steps(t.max_steps)} of {t.max_steps} updates, overlapping the "
+            f"{s.warmup_steps} warmup updates; lower decay_fraction or warmup_steps"
+        )
+    if t.stop_at is not None and not 0 < t.stop_at <= t.max_steps:
+        p.append(f"train.stop_at={t.stop_at} must be in [1, train.max_steps={t.max_steps}]")
     return p
 
 

@@ -1,11 +1,12 @@
 """The DeepSpeed JSON (`--ds`): reading it, the facts everyone asks of it, filling its "auto"s.
 
 DeepSpeed JSONs under ds_configs/ say *how* to run (ZeRO stage, offload, precision); the
-batch sizes, optimizer hyper-parameters, clipping and the WarmupCosineLR schedule are
-"auto" there and filled here from the training config, so there is one source of truth. A
-concrete value in the JSON that disagrees with the training config is refused rather than
-silently winning. No deepspeed and no torch here: `dsfm plan` and `dsfm runs` read recipes
-too; `dsfm.train.engine` runs them.
+batch sizes, optimizer hyper-parameters and clipping are "auto" there and filled here from
+the training config, so there is one source of truth. A concrete value in the JSON that
+disagrees with the training config is refused rather than silently winning. The LR
+schedule is not DeepSpeed's: the trainer sets each update's LR (`dsfm/train/schedule.py`),
+and a JSON with a "scheduler" section is refused. No deepspeed and no torch here: `dsfm plan`
+and `dsfm runs` read recipes too; `dsfm.train.engine` runs them.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def offloads_optimizer(ds: dict[str, Any]) -> bool:
 def fill_ds_config(ds: dict[str, Any], cfg: Config, world_size: int) -> dict[str, Any]:
     """Resolve every "auto" from the training config; refuse values that disagree with it."""
     ds = copy.deepcopy(ds)
-    t, o, s = cfg.train, cfg.optim, cfg.schedule
+    t, o = cfg.train, cfg.optim
     problems: list[str] = []
 
     def fill(section: dict[str, Any], key: str, value: Any, where: str) -> None:
@@ -86,18 +87,14 @@ def fill_ds_config(ds: dict[str, Any], cfg: Config, world_size: int) -> dict[str
         # (C++ only), which DeepSpeed picks when torch_adam is unset.
         params.setdefault("fused", True)
 
-    sched = ds.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {}})
-    if sched.get("type") != "WarmupCosineLR":
+    if "scheduler" in ds:
+        # DeepSpeed's schedulers count their own steps with offsets of their own; dsfm sets
+        # the LR of every update itself (dsfm/train/schedule.py), so there is one schedule.
         problems.append(
-            f"scheduler.type {sched.get('type')!r} is not supported; use WarmupCosineLR"
+            'DeepSpeed config has a "scheduler" section; dsfm sets the LR itself from the '
+            "training config's schedule section (schedule.kind, warmup_steps, min_lr_ratio): "
+            'remove "scheduler" from the JSON'
         )
-    sp = sched.setdefault("params", {})
-    fill(sp, "total_num_steps", t.max_steps, "scheduler.params.total_num_steps")
-    fill(sp, "warmup_num_steps", s.warmup_steps, "scheduler.params.warmup_num_steps")
-    fill(sp, "cos_min_ratio", s.min_lr_ratio, "scheduler.params.cos_min_ratio")
-    sp.setdefault("warmup_min_ratio", 0.0)
-    sp.setdefault("warmup_type", "linear")
-
     if t.precision is not None:
         ds["bf16"] = {"enabled": t.precision == "bf16"}
         fp16 = ds.get("fp16", {}) if t.precision == "fp16" else {}

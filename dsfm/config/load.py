@@ -48,12 +48,40 @@ def parse_config(
     problems: list[str] = []
     if path is not None:
         raw = _read_yaml(Path(path))
+        problems += _length_problems(raw, str(path))
+    layer: dict[str, Any] = {}
     for item in overrides or []:
         try:
-            _apply_override(raw, item)
+            _apply_override(layer, item)
         except ValueError as e:
             problems.append(str(e))
+    problems += _length_problems(layer, "the overrides")
+    train = layer.get("train")
+    if isinstance(train, dict) and isinstance(raw.get("train"), dict):
+        # a run's length given on the command line replaces the file's, whichever kind
+        if LENGTH_KEYS & train.keys():
+            raw["train"] = {k: v for k, v in raw["train"].items() if k not in LENGTH_KEYS}
+    for name, section in layer.items():
+        if isinstance(section, dict) and isinstance(raw.get(name), dict):
+            raw[name] = {**raw[name], **section}
+        else:
+            raw[name] = section
     return _build(raw, problems), problems
+
+
+LENGTH_KEYS = {"max_steps", "epochs"}  # one of them says how long a run is
+
+
+def _length_problems(raw: dict[str, Any], where: str) -> list[str]:
+    """Both lengths in one layer: a problem, and `epochs` dropped (no follow-on problems)."""
+    train = raw.get("train")
+    if isinstance(train, dict) and LENGTH_KEYS <= train.keys():
+        del train["epochs"]
+        return [
+            f"train.max_steps and train.epochs are both set in {where}; set one (epochs "
+            "resolve to steps from the dataset size and the global batch)"
+        ]
+    return []
 
 
 def from_dict(d: dict[str, Any]) -> Config:

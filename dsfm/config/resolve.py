@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 from typing import Any
 
-from dsfm.config.checks import check
+from dsfm.config.checks import check, steps_problems
 from dsfm.config.deepspeed import fill_ds_config, read_ds_config
 from dsfm.config.load import from_dict, parse_config
 from dsfm.config.schema import LOG_SINKS, Config, ConfigError
-from dsfm.data.format import META_FILE, read_meta_file, tokenizer_digest
+from dsfm.data.format import META_FILE, read_meta_file, shard_samples, tokenizer_digest
 from dsfm.data.tokenizer import TOKENIZER_FILE, tokenizer_file
 from dsfm.train import checkpoint
 
@@ -89,6 +90,10 @@ def resolve(cfg: Config, world_size: int = 1, adopt: bool = True) -> tuple[Confi
             "(set model.vocab_size=0 to take the data's)"
         )
     resolved = dataclasses.replace(cfg, model=model)
+    if cfg.train.epochs is not None and data_vocab:
+        resolved = _resolve_epochs(resolved, world_size, p)
+    if cfg.train.resume_from:
+        _check_resume_from(resolved, p)
     if cfg.train.init_from and adopt and not p:
         try:
             resolved = _adopt_init_model(resolved)
@@ -96,6 +101,44 @@ def resolve(cfg: Config, world_size: int = 1, adopt: bool = True) -> tuple[Confi
         except (FileNotFoundError, ValueError) as e:
             p.append(f"train.init_from: {e}")
     return resolved, p
+
+
+def train_samples(cfg: Config) -> int:
+    """Training samples in one pass over `cfg.data` (a blend: its sources' total), from
+    each dataset's `meta.json`."""
+    return sum(
+        sum(shard_samples(read_meta_file(path), "train", cfg.train.seq_len))
+        for _, path, _ in cfg.data.sources()
+    )
+
+
+def _resolve_epochs(cfg: Config, world_size: int, p: list[str]) -> Config:
+    """train.max_steps for train.epochs passes: ceil(epochs x samples / global batch), the
+    last update taking the batch that completes the last pass."""
+    t = cfg.train
+    global_batch = t.micro_batch_size * t.grad_accum * world_size
+    try:
+        samples = train_samples(cfg)
+    except (OSError, ValueError, KeyError) as e:
+        p.append(f"train.epochs: cannot count the training samples ({e})")
+        return cfg
+    if samples < 1:
+        p.append(
+            f"train.epochs={t.epochs}: the train split holds no sample of "
+            f"train.seq_len={t.seq_len} + 1 tokens; use a shorter seq_len or more data"
+        )
+        return cfg
+    steps = math.ceil(t.epochs * samples / global_batch)
+    resolved = dataclasses.replace(cfg, train=dataclasses.replace(t, max_steps=steps))
+    p += steps_problems(resolved)
+    return resolved
+
+
+def _check_resume_from(cfg: Config, p: list[str]) -> None:
+    try:
+        checkpoint.locate(cfg.train.out_dir, cfg.train.resume_from)
+    except (FileNotFoundError, ValueError) as e:
+        p.append(f"train.resume_from={e}")
 
 
 def _package_problems(cfg: Config) -> list[str]:

@@ -73,16 +73,26 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
+    kind: str = "cosine"
+    "The LR after warmup: cosine or linear decay to the floor, constant (the peak), or wsd."
     warmup_steps: int = 100
-    "Linear warmup steps (DeepSpeed WarmupCosineLR)."
+    "Linear warmup updates: update k (0-based) uses lr*(k+1)/warmup_steps; the last one the peak."
     min_lr_ratio: float = 0.1
-    "Cosine decays the LR to lr * min_lr_ratio at train.max_steps."
+    "The LR floor, lr * min_lr_ratio, reached exactly at the last update (not used by constant)."
+    decay_fraction: float = 0.2
+    "wsd: the last fraction of train.max_steps that decays linearly to the floor (stable before)."
+
+    def decay_steps(self, max_steps: int) -> int:
+        """wsd: the updates after the last one at the peak (the last reaching the floor)."""
+        return max(1, round(self.decay_fraction * max_steps))
 
 
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
-    "Optimizer steps to train for."
+    "Optimizer steps to train for (or set train.epochs instead, not both)."
+    epochs: int | None = None
+    "Train for this many passes over the training data: max_steps is resolved from its size."
     micro_batch_size: int = 8
     "Sequences per rank per forward pass."
     grad_accum: int = 1
@@ -101,6 +111,8 @@ class TrainConfig:
     "Print a status line every N steps (metrics.jsonl gets every step)."
     init_from: str | None = None
     "Start from these weights (run, tag or plain checkpoint); its model section replaces ours."
+    resume_from: str | None = None
+    "Resume the whole state of a tag: best, final, step_N, epoch_N (in out_dir) or a PATH."
     stop_at: int | None = None
     "Stop this invocation after this step with a checkpoint; the schedule still spans max_steps."
     compile: bool = False
@@ -142,7 +154,9 @@ class CheckpointConfig:
     every: int = 500
     "Save a checkpoint every N steps (0 = only the final one)."
     keep_last: int = 3
-    "Keep this many step checkpoints; `best` and `final` are kept besides."
+    "Keep this many step checkpoints; `best`, `final` and epoch tags are kept besides."
+    every_epoch: bool = False
+    "Also save a tag `epoch_N` each time the sampler completes pass N over the training data."
     save_best: bool = True
     "Keep a `best` tag for the lowest validation loss."
     allow_data_change: bool = False
@@ -176,6 +190,7 @@ class Config:
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
 PRECISIONS = ("bf16", "fp16", "fp32")
+SCHEDULE_KINDS = ("cosine", "linear", "constant", "wsd")
 # Sink name -> the package it needs (the sinks themselves are in dsfm/observe/sinks.py).
 LOG_SINKS = {"console": None, "csv": None, "tensorboard": "tensorboard", "wandb": "wandb"}
 WANDB_MODES = ("offline", "online")

@@ -68,6 +68,13 @@ def shards(meta: dict[str, Any], split: str) -> list[dict[str, Any]]:
     return meta["splits"][split]["shards"]
 
 
+def shard_samples(meta: dict[str, Any], split: str, seq_len: int) -> list[int]:
+    """Training windows of `seq_len` + 1 tokens in each shard of `split` (a window never
+    crosses a shard's end; consecutive windows share one token): `TokenDataset`'s length,
+    known from `meta.json` alone (tests/unit/config/test_config.py checks they agree)."""
+    return [max(0, (shard["tokens"] - 1) // seq_len) for shard in shards(meta, split)]
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -9,6 +9,8 @@
         tokenizer.json       the tokenizer, so a tag describes itself
         manifest.json        every file of the tag and its size, written last
       best/  final/        extra tags: lowest val loss, end of training
+      epoch_3/             checkpoint.every_epoch: after the update completing pass 3 (kept,
+                           like best and final: `prune` removes step tags only)
     A plain checkpoint (`dsfm merge`, `dsfm import`; `dsfm.interop.weights`) is one tag
     directory whose weights are `model.safetensors` instead of the engine's files.
 
@@ -23,7 +25,7 @@ Design choices:
 - A tag is complete when its manifest matches the files on disk (sizes: a stat per file,
   cheap for any model size; same-size damage is not detected) and its client state parses.
   Resume and `resolve` take `latest`'s tag when complete, else the newest complete step
-  tag, with a warning for each one skipped.
+  tag, with a warning for each one skipped; `locate` finds train.resume_from's tag.
 - No torch here: `dsfm runs`, the config's resolve step and `dsfm plan` read tags too. The
   engine's side (saving, loading, re-sharding) is `checkpointer.py`.
 """
@@ -43,6 +45,8 @@ from dsfm.distributed.env import print0
 from dsfm.observe.rundir import checkpoints_dir
 
 STEP_TAG = re.compile(r"^step_(\d+)$")
+EPOCH_TAG = re.compile(r"^epoch_(\d+)$")
+NAMED_TAGS = ("best", "final")
 STATE_FILE = "dsfm_state.json"
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -68,6 +72,21 @@ MODEL_FIELDS_THAT_MUST_MATCH = (
 
 def step_tag(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def epoch_tag(epoch: int) -> str:
+    return f"epoch_{epoch}"
+
+
+def tag_name(text: str) -> str | None:
+    """A tag's name as written (`step_8` for `step_00000008`), or None if `text` names no tag."""
+    if text in (*NAMED_TAGS, LATEST):
+        return text
+    if m := STEP_TAG.match(text):
+        return step_tag(int(m.group(1)))
+    if m := EPOCH_TAG.match(text):
+        return epoch_tag(int(m.group(1)))
+    return None
 
 
 def rng_file(tag_dir: Path, rank: int) -> Path:
@@ -250,6 +269,27 @@ def resolve(path: str | Path) -> tuple[Path, str]:
             "at a saved tag, and no complete step tag); has the run saved one yet?"
         )
     return p, tag
+
+
+def locate(run_dir: str | Path, name: str) -> tuple[Path, str]:
+    """train.resume_from as (checkpoints dir, tag): a tag's name in `run_dir` (best, final,
+    latest, step_N, epoch_N) or a path (a tag directory; a run or checkpoints directory
+    gives its newest complete tag). FileNotFoundError names the tags there are."""
+    tag = tag_name(name)
+    if tag is None:
+        return resolve(name)
+    here = checkpoints_dir(run_dir)
+    if tag == LATEST:
+        tag = resumable_tag(here, warn=False) or tag
+    reason = incomplete_reason(here, tag)
+    if reason is not None:
+        have = published_tags(here)
+        raise FileNotFoundError(
+            f"{name}: no complete tag {tag} in {here} ({reason}); "
+            + (f"its tags: {', '.join(have)}" if have else "it holds no checkpoint")
+            + " (or pass the path of a tag directory)"
+        )
+    return here, tag
 
 
 # ---------------------------------------------------------------------------------------

@@ -48,6 +48,11 @@ class Checkpointer:
         of this invocation (`end`: train.stop_at or max_steps; max_steps itself saves `final`)."""
         return step == end or bool(self.cfg.every and step % self.cfg.every == 0)
 
+    def epoch_due(self, passes_before: int, passes_after: int) -> bool:
+        """Whether the last step completed a pass over the training data, to be saved as
+        `epoch_N` (checkpoint.every_epoch). Epoch tags are not pruned by keep_last."""
+        return self.cfg.every_epoch and passes_after > passes_before
+
     def save(self, tag: str, state: dict[str, Any], update_latest: bool = True) -> None:
         """Write and publish `tag` on every rank, then keep the newest `keep_last` step tags."""
         self._write(tag, state, update_latest)
@@ -95,25 +100,28 @@ class Checkpointer:
         barrier()
         faults.maybe_kill(step, this_rank, "save_done")
 
-    def load(self, tag: str) -> dict[str, Any]:
-        """Load `tag` into the engine and this rank's RNG; return its client state."""
-        state = checkpoint.client_state(self.ckpt_dir, tag)
+    def load(self, tag: str, ckpt_dir: Path | None = None) -> dict[str, Any]:
+        """Load `tag` of `ckpt_dir` (default: this run's) into the engine and this rank's
+        RNG; return its client state."""
+        ckpt_dir = ckpt_dir or self.ckpt_dir
+        state = checkpoint.client_state(ckpt_dir, tag)
         if state["world_size"] != world_size() and self.engine.zero_optimization_stage() > 0:
-            self._load_resharded(tag, state["world_size"])
+            self._load_resharded(ckpt_dir, tag, state["world_size"])
         else:
-            path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+            path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
             if path is None:
-                raise RuntimeError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / tag}")
-        rng = checkpoint.rng_file(self.ckpt_dir / tag, rank())
+                raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+        rng = checkpoint.rng_file(ckpt_dir / tag, rank())
         if rng.is_file():  # absent when resuming on more ranks than saved
             set_rng_state(torch.load(rng, weights_only=False))
         return state
 
-    def _load_resharded(self, tag: str, saved_world: int) -> None:
+    def _load_resharded(self, source: Path, tag: str, saved_world: int) -> None:
         """ZeRO-1/2/3 cut the optimizer state (and ZeRO-3 the weights) into one flat piece per
         rank, so the pieces of W ranks do not fit W' ranks. Rank 0 converts the tag to
         DeepSpeed's universal format (per-parameter files), every rank loads its new piece
-        from that, and the conversion is deleted. ZeRO-0 state is not sharded."""
+        from that, and the conversion (in this run's directory) is deleted. ZeRO-0 state is
+        not sharded."""
         universal = checkpoint.universal_name(tag)
         print0(
             f"checkpoint {tag} was written by {saved_world} rank(s), this run has "
@@ -123,7 +131,8 @@ class Checkpointer:
             partial = self.ckpt_dir / checkpoint.partial_name(universal)
             shutil.rmtree(partial, ignore_errors=True)
             shutil.rmtree(self.ckpt_dir / universal, ignore_errors=True)
-            ds_engine.to_universal(self.ckpt_dir / tag, partial)
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            ds_engine.to_universal(source / tag, partial)
             os.rename(partial, self.ckpt_dir / universal)
             # DeepSpeed's converter leaves its own `latest` pointer; not ours to keep.
             (self.ckpt_dir / checkpoint.CONVERTER_LATEST).unlink(missing_ok=True)

@@ -1,10 +1,11 @@
 """The one module that imports deepspeed: the process group, the engine, its checkpoints.
 
 The DeepSpeed config arrives filled (`dsfm.config.deepspeed.fill_ds_config`); here it is
-run: `initialize` wraps the model with its optimizer (decay on matrices only) and the
-WarmupCosineLR schedule, and the few places dsfm reaches past the engine's public API are
-named and explained (`step` for ZeRO-0 in fp32, `set_lr_scale` for rollbacks, the
-universal-checkpoint load for re-sharding).
+run: `initialize` wraps the model with its optimizer (decay on matrices only), with no
+DeepSpeed LR scheduler: the trainer sets each update's LR with `set_lr`
+(`dsfm/train/schedule.py`). The few places dsfm reaches past the engine's public API are
+named and explained (`step` for ZeRO-0 in fp32, `set_lr`, the universal-checkpoint load
+for re-sharding).
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ from deepspeed.accelerator import get_accelerator  # noqa: E402
 from deepspeed.utils import logger as ds_logger  # noqa: E402
 
 ds_logger.setLevel(os.environ.get("DSFM_DS_LOG_LEVEL", "WARNING"))
-# WarmupCosineLR warns when DeepSpeed itself reads the LR before the first step; not ours to fix.
-ds_logger.addFilter(lambda record: "before it has started" not in record.getMessage())
 
 
 def accelerator_name() -> str:
@@ -110,7 +109,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 def initialize(
     model: torch.nn.Module, ds: dict[str, Any], weight_decay: float, compile: bool = False
 ) -> Any:
-    """Wrap the model in a DeepSpeed engine (optimizer and scheduler built from `ds`).
+    """Wrap the model in a DeepSpeed engine (its optimizer built from `ds`; no scheduler).
 
     compile: `engine.compile()`, DeepSpeed's own torch.compile of the wrapped module, which
     keeps its ZeRO hooks outside the compiled graph (compiling the bare model before
@@ -149,20 +148,13 @@ def grad_norm_before_step(engine: Any) -> torch.Tensor | None:
     return torch.stack(norms).norm() if norms else None
 
 
-def base_lrs(engine: Any) -> list[float]:
-    """The peak LRs the WarmupCosineLR schedule scales (one per param group)."""
-    return list(engine.lr_scheduler.org_lrs)
-
-
-def set_lr_scale(engine: Any, base: list[float], scale: float) -> None:
-    """Scale the whole schedule (a rollback's lower LR) and re-apply it at the current step.
-
-    WarmupCosineLR's state_dict holds only its position, so the scale lives in our client
-    state and is set again after every load.
-    """
-    sched = engine.lr_scheduler
-    sched.org_lrs = [lr * scale for lr in base]
-    sched.step(sched.last_batch_iteration)
+def set_lr(engine: Any, lr: float) -> None:
+    """The LR of the next update, on every parameter group. DeepSpeed's ZeRO and bf16
+    optimizers expose the wrapped torch optimizer's groups as their own `param_groups`, and
+    with no DeepSpeed scheduler nothing else writes `lr`; a checkpoint load restores the
+    saved value, which the next `set_lr` overwrites."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
 
 
 def skips_on_device(engine: Any) -> bool:
@@ -183,7 +175,7 @@ def step(engine: Any, grad_norm: torch.Tensor | None = None) -> None:
     torch's fused AdamW takes `found_inf` (the tensor AMP's GradScaler sets): when it is 1 the
     kernel leaves weights, moments and step count alone, with no host read. DeepSpeed does
     not see that skip, so once the step's one host read shows it the trainer calls
-    `undo_schedule_step`. `grad_norm` is `grad_norm_before_step` at the accumulation
+    `count_skipped`. `grad_norm` is `grad_norm_before_step` at the accumulation
     boundary, None elsewhere.
     """
     if grad_norm is None or not skips_on_device(engine):
@@ -202,11 +194,9 @@ def step(engine: Any, grad_norm: torch.Tensor | None = None) -> None:
         del opt.found_inf
 
 
-def undo_schedule_step(engine: Any) -> None:
-    """After an update `step` skipped on the device: the LR schedule one step back and the
-    skip counted, as DeepSpeed does for the updates it skips itself."""
-    sched = engine.lr_scheduler
-    sched.step(sched.last_batch_iteration - 1)
+def count_skipped(engine: Any) -> None:
+    """After an update `step` skipped on the device: count it, as DeepSpeed counts the
+    updates it skips itself."""
     engine.skipped_steps += 1
 
 

@@ -16,9 +16,11 @@ host within a step: the judgement is made on the device, and the step's numbers 
 stop request, verdict, gradient norm) are read back in one transfer after its kernels are
 queued (`_read_once`; tests/unit/train/test_hot_loop.py counts the reads).
 
-Exact resume: the whole training state is the engine's (weights, ZeRO optimizer shards, LR
-schedule), the sampler's `consumed_samples`, per-rank RNG states and the counters of the
-client state. Validation and sampling never touch the global RNG.
+Exact resume: the whole training state is the engine's (weights, ZeRO optimizer shards),
+the sampler's `consumed_samples`, per-rank RNG states and the counters of the client state.
+The LR of each update is `schedule.lr_at` of the step counter (times the rollbacks' scale),
+set by the trainer, so it comes back with the counters. Validation and sampling never touch
+the global RNG. `train.resume_from` picks the tag to resume from (here or in another run).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from dsfm.train import engine as ds_engine
 from dsfm.train.checkpoint import CheckpointError
 from dsfm.train.checkpointer import Checkpointer
 from dsfm.train.guard import LossGuard
+from dsfm.train.schedule import lr_at
 from dsfm.train.stop import EXIT_REQUEUE, StopSignal, Watchdog
 from dsfm.train.validation import Validator
 
@@ -99,7 +102,8 @@ class Trainer:
         self.tokenizer_path = tokenizer_file(cfg.data.sources()[0][1])
         self.tokenizer = Tokenizer.load(self.tokenizer_path)
         self.data_fingerprint = fingerprint(cfg.data.sources())
-        resume_tag = self._resumable_tag()
+        self.resumed_from: str | None = None  # train.resume_from's tag, once resumed from
+        resume_point = self._resume_point()
 
         build.seed_everything(t.seed)  # same init on every rank
         model = build.build_model(cfg, ds)
@@ -107,10 +111,6 @@ class Trainer:
         self.n_params = ds_engine.count_params(model)
         self.n_trainable = ds_engine.count_params(model, trainable=True)
         self.engine = ds_engine.initialize(model, ds, cfg.optim.weight_decay, compile=t.compile)
-        # DeepSpeed's WarmupCosineLR gives the first two updates lr=0; start one step in so
-        # update k (0-based) uses lr*(k+1)/warmup and the last update lands on min_lr_ratio.
-        self.engine.lr_scheduler.step(1)
-        self.base_lrs = ds_engine.base_lrs(self.engine)
         build.seed_everything(t.seed + 1000 * self.rank)  # dropout streams differ per rank
 
         # A blend orders its own samples (per-source shuffles); the sampler only counts.
@@ -151,8 +151,8 @@ class Trainer:
             rundir.write_configs(self.run_dir, to_dict(cfg), ds)
             copy_tokenizer(self.tokenizer_path, self.run_dir)
         barrier()
-        if resume_tag is not None:
-            self._resume(resume_tag)
+        if resume_point is not None:
+            self._resume(*resume_point)
 
     # ------------------------------------------------------------------ the loop
 
@@ -165,6 +165,7 @@ class Trainer:
         last_row: dict[str, Any] = {}
         try:
             while self.counters.step < end and not self.early.stopped:
+                passes = self.sampler.epoch
                 result = self.train_step(stop.received)
                 if result.event is not None:
                     log.log(self._event_row(result))
@@ -178,6 +179,8 @@ class Trainer:
                     self._judge(result.row["val_loss"])
                 log.log(result.row)
                 last_row = result.row
+                if self.checkpointer.epoch_due(passes, self.sampler.epoch):
+                    self._save(checkpoint.epoch_tag(self.sampler.epoch))
                 if self.early.stopped:
                     self._stop_early(log)
                     break
@@ -207,7 +210,8 @@ class Trainer:
         step = self.counters.step + 1
         self._beat("step")
         faults.at_step_start(step, self.rank)
-        lr = self.engine.get_lr()[0]  # the LR this update will use (a host number)
+        lr = self.lr()
+        ds_engine.set_lr(self.engine, lr)
         indices = self.sampler.next_indices()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for k in range(t.grad_accum):
@@ -241,7 +245,7 @@ class Trainer:
         loss_mean, stop, skip, spike, norm = _read_once(loss_mean, stop, skip, spike, norm)
         applied = self.engine.was_step_applied()
         if stage0_norm is not None and ds_engine.skips_on_device(self.engine) and skip_norm(norm):
-            ds_engine.undo_schedule_step(self.engine)  # skipped on the device, unseen by DeepSpeed
+            ds_engine.count_skipped(self.engine)  # skipped on the device, unseen by DeepSpeed
             applied = False
         # fp16 loss-scale overflows are DeepSpeed's routine, not bad steps
         applied = applied or precision(self.ds) == "fp16"
@@ -269,6 +273,13 @@ class Trainer:
             "skipped": skipped,
         }
         return StepResult(row, event, stop)
+
+    def lr(self) -> float:
+        """The next update's LR: the schedule at the step counter, times the rollbacks'
+        scale. Both come back with a checkpoint, so a resumed run's LRs are the same."""
+        return self.counters.lr_scale * lr_at(
+            self.counters.step, self.cfg.schedule, self.cfg.optim.lr, self.cfg.train.max_steps
+        )
 
     # ------------------------------------------------------------------ what the loop calls
 
@@ -300,6 +311,11 @@ class Trainer:
             f"{precision(self.ds)} | global batch {self.global_batch} x {t.seq_len} tokens"
         )
         log.info(uniform_baseline(self.cfg.model.vocab_size))
+        if t.epochs is not None:
+            log.print(
+                f"train.epochs={t.epochs}: {len(self.train_data)} samples per pass / global batch "
+                f"{self.global_batch} -> train.max_steps={t.max_steps}"
+            )
         return log
 
     def _event_row(self, result: StepResult) -> dict[str, Any]:
@@ -348,7 +364,6 @@ class Trainer:
         c = self.counters
         c.lr_scale *= self.cfg.train.rollback_lr_scale
         c.rollbacks += 1
-        ds_engine.set_lr_scale(self.engine, self.base_lrs, c.lr_scale)
         self.guard.end_streak()
         log.log(
             {
@@ -408,33 +423,50 @@ class Trainer:
             "data_fingerprint": self.data_fingerprint,
             "bad_steps": self.guard.total_bad,
             "early_stopping": self.early.state_dict(),
+            "resumed_from": self.resumed_from,
         }
 
-    def _resumable_tag(self) -> str | None:
-        """The tag to resume from, checked against the config before anything is built."""
+    def _resume_point(self) -> tuple[Path, str] | None:
+        """(checkpoints dir, tag) to resume from, checked against the config before anything
+        is built: this run's newest complete tag, or train.resume_from's tag unless this run
+        has already continued from it (a requeued job goes on from its own checkpoints)."""
         if is_rank0():  # what a killed save left behind, before anyone reads the dir
             checkpoint.clean_stale(self.ckpt_dir)
         barrier()
-        tag = checkpoint.resumable_tag(self.ckpt_dir)
-        if tag is not None:  # a mismatched checkpoint is refused before building anything
-            saved = checkpoint.client_state(self.ckpt_dir, tag)
-            checkpoint.check_resume_compatible(
-                saved, self.cfg, self.ckpt_dir / tag, self.data_fingerprint
+        own = checkpoint.resumable_tag(self.ckpt_dir)
+        point = None if own is None else (self.ckpt_dir, own)
+        if name := self.cfg.train.resume_from:
+            source = checkpoint.locate(self.cfg.train.out_dir, name)
+            origin = f"{(source[0] / source[1]).resolve()}@step" + str(
+                checkpoint.client_state(*source)["step"]
             )
-        return tag
+            if (
+                own is not None
+                and checkpoint.client_state(self.ckpt_dir, own).get("resumed_from") == origin
+            ):
+                print0(f"train.resume_from={name}: already continued from it; going on from {own}")
+            else:
+                point, self.resumed_from = source, origin
+        if point is not None:  # a mismatched checkpoint is refused before building anything
+            saved = checkpoint.client_state(*point)
+            checkpoint.check_resume_compatible(
+                saved, self.cfg, point[0] / point[1], self.data_fingerprint
+            )
+        return point
 
-    def _resume(self, tag: str) -> None:
-        state = self._load(tag)
+    def _resume(self, ckpt_dir: Path, tag: str) -> None:
+        state = self._load(tag, ckpt_dir)
         self.sampler.load_state_dict(state["sampler"])
         self.guard.total_bad = state["bad_steps"]
-        print0(f"resumed from {self.ckpt_dir / tag} at step {self.counters.step}")
+        # carried in every later tag, so a requeued job knows it has resumed from it
+        self.resumed_from = self.resumed_from or state.get("resumed_from")
+        print0(f"resumed from {ckpt_dir / tag} at step {self.counters.step}")
 
-    def _load(self, tag: str) -> dict[str, Any]:
+    def _load(self, tag: str, ckpt_dir: Path | None = None) -> dict[str, Any]:
         """Engine state and counters of `tag` (the sampler is the caller's choice)."""
-        state = self.checkpointer.load(tag)
+        state = self.checkpointer.load(tag, ckpt_dir)
         self.counters = Counters.from_state(state)
         self.early.load_state_dict(state["early_stopping"])
-        ds_engine.set_lr_scale(self.engine, self.base_lrs, self.counters.lr_scale)
         return state
 
     def _save(self, tag: str, update_latest: bool = True) -> None:

@@ -66,6 +66,14 @@ def test_flops_tokens_chinchilla_and_time():
     assert unknown["time_s"] is None
 
 
+def test_epochs_plan_their_passes_over_the_data(byte_data):
+    from dsfm.data.dataset import TokenDataset
+
+    plan, _ = plan_for([f"data.path={byte_data}", "train.epochs=2", "train.seq_len=64"], hardware())
+    assert plan["tokens"] == 2 * len(TokenDataset(byte_data, "train", 64)) * 64
+    assert plan["tokens_source"] == "train.epochs x samples x seq_len"
+
+
 def saved_bytes(model: torch.nn.Module, batch: int, seq_len: int) -> int:
     """Bytes of the tensors autograd keeps from one training forward (each storage once,
     weights excluded), through saved_tensors_hooks."""

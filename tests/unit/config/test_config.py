@@ -162,8 +162,7 @@ def test_ds_auto_filled_from_training_config(data_dir):
     ds = fill_ds_config(read_ds_config("ds_configs/zero2.json"), cfg, world_size=2)
     assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 3
     assert ds["optimizer"]["params"]["lr"] == 1e-3
-    assert ds["scheduler"]["params"]["total_num_steps"] == 200
-    assert ds["scheduler"]["params"]["warmup_num_steps"] == 10
+    assert "scheduler" not in ds  # the trainer sets each update's LR (train/schedule.py)
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
     assert ds["zero_optimization"]["stage"] == 2
 
@@ -178,9 +177,50 @@ def test_ds_config_disagreeing_with_training_config_is_refused(data_dir):
     assert "optimizer.params.lr=0.0005" in str(e.value) and "gradient_clipping=2.0" in str(e.value)
 
 
+def test_ds_config_with_its_own_scheduler_is_refused(data_dir):
+    cfg = load_resolved(None, [f"data.path={data_dir}"])
+    ds = read_ds_config("ds_configs/zero1.json")
+    ds["scheduler"] = {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto"}}
+    with pytest.raises(ConfigError, match='remove "scheduler" from the JSON'):
+        fill_ds_config(ds, cfg, world_size=1)
+
+
+def test_epochs_resolve_to_steps_from_the_data_and_global_batch(byte_data, tmp_path):
+    from dsfm.data.dataset import TokenDataset
+
+    samples = len(TokenDataset(byte_data, "train", 32))
+    base = [f"data.path={byte_data}", "train.seq_len=32", "train.micro_batch_size=4"]
+    cfg = load_resolved(None, [*base, "train.epochs=3", "train.grad_accum=2"], world_size=2)
+    assert cfg.train.max_steps == -(-3 * samples // 16) and cfg.train.epochs == 3
+    # one layer setting both is an error; the command line's length replaces the file's
+    assert "both set in the overrides" in problems(
+        None, [*base, "train.epochs=1", "train.max_steps=5"]
+    )
+    path = write(tmp_path, "train: {max_steps: 250, epochs: 2}\n")
+    assert f"both set in {path}" in problems(path, base)
+    path = write(tmp_path, "train: {max_steps: 250}\n")
+    assert load_resolved(path, [*base, "train.epochs=1"]).train.max_steps == -(-samples // 4)
+    # the steps rules are checked once epochs are resolved
+    assert "schedule.warmup_steps=100000 must be below train.max_steps" in problems(
+        None, [*base, "train.epochs=1", "schedule.warmup_steps=100000"]
+    )
+    assert "train.epochs must be >= 1" in problems(None, [*base, "train.epochs=0"])
+
+
+def test_resume_from_errors(data_dir, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "best").mkdir(parents=True)
+    base = [f"data.path={data_dir}", f"train.out_dir={run}"]
+    text = problems(None, [*base, "train.resume_from=step_7"])
+    assert "no complete tag step_00000007" in text and "its tags: best" in text
+    assert "does not exist" in problems(None, [*base, f"train.resume_from={tmp_path}/nope"])
+    text = problems(None, [*base, "train.resume_from=best", f"train.init_from={run}"])
+    assert "init_from" in text and "pick one" in text
+
+
 def test_every_field_documented():
     ref = reference()
-    assert "| `train.max_steps` | `1000` | Optimizer steps to train for. |" in ref
+    assert "| `train.max_steps` | `1000` | Optimizer steps to train for (or set" in ref
     assert all(
         line.rstrip().endswith("|") and not line.endswith("|  |")
         for line in ref.splitlines()

@@ -131,3 +131,17 @@ def test_prune_never_deletes_the_newest_complete_tag(tmp_path):
     deleted = checkpoint.prune(tmp_path, keep_last=1)
     assert deleted == ["step_00000100"]  # 200 survives: the newest *complete* step tag
     assert checkpoint.resumable_tag(tmp_path) == "step_00000200"
+
+
+def test_resume_from_names_and_paths_locate_their_tags(tmp_path):
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    for tag, step in (("step_00000004", 4), ("epoch_1", 5), ("step_00000008", 8), ("best", 6)):
+        publish_tag(ckpts, tag, step, latest=tag != "best")  # as the trainer saves them
+    assert checkpoint.prune(ckpts, keep_last=1) == ["step_00000004"]  # epoch tags are kept
+    for name, tag in (("step_8", "step_00000008"), ("epoch_0001", "epoch_1"), ("best", "best")):
+        assert checkpoint.locate(run, name) == (ckpts, tag)
+    assert checkpoint.locate(run, "latest") == (ckpts, "step_00000008")
+    assert checkpoint.locate(tmp_path / "elsewhere", str(ckpts / "epoch_1")) == (ckpts, "epoch_1")
+    with pytest.raises(FileNotFoundError, match="its tags: best, epoch_1, step_00000008"):
+        checkpoint.locate(run, "epoch_2")
