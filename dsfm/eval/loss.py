@@ -312,7 +312,7 @@ def eval_command(
         mode = "--tasks"
     wrong = [flag for flag, value in misplaced.items() if value not in (None, False)]
     if wrong:
-        raise ValueError(f"{', '.join(wrong)} only apply with {mode}")
+        raise ValueError(f"{', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} only for {mode}")
     if tasks is not None:
         from dsfm.eval.benchmark import benchmark_command
 
