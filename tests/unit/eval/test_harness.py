@@ -164,3 +164,27 @@ def test_unknown_task_names_the_way_to_list_tasks(tmp_path):
         parse_tasks("dsfm_tiny_mc,no_such_task", manager)
     with pytest.raises(FileNotFoundError, match="--include-path"):
         task_manager(str(tmp_path / "missing"))
+
+
+def test_few_shot_contexts_and_limit(lm_parts, tmp_path):
+    model, tokenizer = lm_parts
+    manager = task_manager(str(write_task(tmp_path)))
+    out = run_benchmarks(
+        model,
+        tokenizer,
+        ["dsfm_tiny_mc"],
+        manager,
+        limit=2,
+        num_fewshot=1,
+        log_samples=True,
+        progress=False,
+    )
+    assert out["n-shot"]["dsfm_tiny_mc"] == 1
+    samples = out["samples"]["dsfm_tiny_mc"]
+    assert len(samples) == 2
+    for s in samples:
+        context = s["arguments"][0][0]
+        assert context.endswith(s["doc"]["question"]) and len(context) > len(s["doc"]["question"])
+        got = [resp[0][0] for resp in s["resps"]]
+        expected = [own_loglikelihood(model, tokenizer, *args) for args in s["arguments"]]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
