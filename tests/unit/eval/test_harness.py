@@ -43,6 +43,12 @@ def write_task(root, name: str = "dsfm_tiny_mc"):
 
 
 @pytest.fixture(scope="module")
+def manager(tmp_path_factory):
+    """lm_eval's task index plus our task (indexing every lm_eval YAML takes seconds)."""
+    return task_manager(str(write_task(tmp_path_factory.mktemp("tasks"))))
+
+
+@pytest.fixture(scope="module")
 def lm_parts():
     text = [d["question"] + " " + c for d in DOCS for c in d["choices"]] * 20
     tokenizer = train_bpe(text + ["The quick brown fox jumps over the lazy dog."] * 20, 300)
@@ -89,9 +95,8 @@ def own_ids_loglikelihood(model, context_ids: list[int], continuation_ids: list[
         return -float(model(torch.tensor([ids[:-1]]), labels=labels)) * n
 
 
-def test_multiple_choice_loglikelihoods_are_the_models_own(lm_parts, tmp_path):
+def test_multiple_choice_loglikelihoods_are_the_models_own(lm_parts, manager):
     model, tokenizer = lm_parts
-    manager = task_manager(str(write_task(tmp_path)))
     out = run_benchmarks(
         model,
         tokenizer,
@@ -157,8 +162,7 @@ def test_generate_until_is_greedy_sampling_cut_at_the_stop_string(lm_parts):
     assert lm.generate_until([request]) == [greedy]
 
 
-def test_unknown_task_names_the_way_to_list_tasks(tmp_path):
-    manager = task_manager(str(write_task(tmp_path)))
+def test_unknown_task_names_the_way_to_list_tasks(manager, tmp_path):
     assert parse_tasks("dsfm_tiny_mc, ", manager) == ["dsfm_tiny_mc"]
     with pytest.raises(ValueError, match=r"unknown task\(s\) no_such_task; `lm-eval ls tasks`"):
         parse_tasks("dsfm_tiny_mc,no_such_task", manager)
@@ -166,9 +170,8 @@ def test_unknown_task_names_the_way_to_list_tasks(tmp_path):
         task_manager(str(tmp_path / "missing"))
 
 
-def test_few_shot_contexts_and_limit(lm_parts, tmp_path):
+def test_few_shot_contexts_and_limit(lm_parts, manager):
     model, tokenizer = lm_parts
-    manager = task_manager(str(write_task(tmp_path)))
     out = run_benchmarks(
         model,
         tokenizer,
