@@ -2,7 +2,8 @@
 
 Design choices:
 - Each reply is `generate.stream` on the conversation rendered by the run's chat template
-  (`data.chat.render_prompt`), stopping at the end-of-turn token, seeded with `--seed`
+  (`data.chat.render_prompt`: dsfm's, or an imported model's own), stopping at its
+  end-of-turn token (`data.chat.end_of_turn_id`), seeded with `--seed`
   every turn: a reply equals `dsfm generate --chat` (or `sample`) on the same rendered
   prompt with the same flags, so a conversation can be reproduced turn by turn.
 - The context window is the model's `max_seq_len`. A reply is given room for
@@ -20,7 +21,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from dsfm.data.chat import Template, chat_token_ids, render_prompt
+from dsfm.data.chat import end_of_turn_id, render_prompt
 from dsfm.data.tokenizer import Tokenizer
 from dsfm.eval.generate import chat_turn, check_args, stream, stream_text
 from dsfm.interop.weights import load_model
@@ -71,13 +72,13 @@ def chat_command(
 ) -> int:
     ckpt_dir, tag = checkpoint.resolve(checkpoint_path)
     tokenizer = Tokenizer.load(ckpt_dir / tag)
-    try:
-        chat_token_ids(tokenizer)
-    except ValueError:
+    end_id = end_of_turn_id(tokenizer)
+    if end_id is None:
         raise ValueError(
-            f"{ckpt_dir / tag} is not a chat model (its tokenizer has no chat tokens); "
-            f"fine-tune it on `dsfm prepare --chat` data first, or use `dsfm generate`"
-        ) from None
+            f"{ckpt_dir / tag} is not a chat model (its tokenizer has no chat template or "
+            f"chat tokens); fine-tune it on `dsfm prepare --chat` data first, or use "
+            f"`dsfm generate`"
+        )
     state = checkpoint.client_state(ckpt_dir, tag)
     max_seq_len = state["config"]["model"]["max_seq_len"]
     check_args([tokenizer.eot_id], max_new_tokens, temperature, top_k, top_p, max_seq_len)
@@ -92,7 +93,6 @@ def chat_command(
             f"{limit} of the {max_seq_len}-token context that leave room for a reply"
         )
     model, _ = load_model(ckpt_dir / tag, dtype=dtype)
-    end_id = Template.of(tokenizer).end_id
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())

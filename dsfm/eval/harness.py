@@ -7,9 +7,11 @@ Design choices:
   architecture between the checkpoint and the scores.
 - `TemplateLM` does the text side the way HFLM does (trailing spaces of the context move
   to the continuation; the pair is encoded whole and split, so the continuation's ids are
-  those of the full text; an empty context is conditioned on the prefix token, here EOT:
-  the token every training document follows). Scores are then plain sums of log-softmax
-  over the continuation's positions.
+  those of the full text; an empty context is conditioned on the prefix token). Where the
+  tokenizer's family starts texts with BOS (`Tokenizer.add_bos`), contexts start with it
+  and it is the prefix token, as in training data and transformers' encoding; otherwise
+  the prefix is EOT, the token every training document follows. Scores are then plain
+  sums of log-softmax over the continuation's positions.
 - Requests are scored longest first in batches of `batch_size`, right-padded. Attention is
   causal, so a row's padding comes after every position that is read: padding changes no
   score (the test compares against the model's own loss, 1e-5).
@@ -53,13 +55,22 @@ class DsfmLM(TemplateLM):
         return self.tok.eot_id
 
     @property
+    def prefix_token_id(self) -> int:
+        """What an empty context is: BOS where the family starts texts with it, else EOT."""
+        return self.tok.bos_id if self.tok.add_bos else self.tok.eot_id
+
+    @property
     def max_length(self) -> int:
         return self.model.cfg.max_seq_len
 
     def tok_encode(
         self, string: str, add_special_tokens: bool | None = None, **kwargs
     ) -> list[int]:
-        return self.tok.encode(string)
+        """The text's ids, after BOS where the family adds one (as training documents and
+        transformers' encoding have it) unless lm_eval asks for none."""
+        ids = self.tok.encode(string)
+        bos = self.tok.add_bos and add_special_tokens is not False
+        return [self.tok.bos_id, *ids] if bos else ids
 
     def tok_decode(self, tokens: list[int], **kwargs) -> str:
         return self.tok.decode(tokens)
@@ -109,7 +120,10 @@ class DsfmLM(TemplateLM):
             for context, continuation in map(
                 make_disjoint_window,
                 get_rolling_token_windows(
-                    self.tok_encode(text), self.prefix_token_id, self.max_length, context_len=1
+                    self.tok_encode(text, add_special_tokens=False),
+                    self.prefix_token_id,
+                    self.max_length,
+                    context_len=1,
                 ),
             ):
                 windows.append((None, context, continuation))

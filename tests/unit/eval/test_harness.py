@@ -191,3 +191,34 @@ def test_few_shot_contexts_and_limit(lm_parts, manager):
         got = [resp[0][0] for resp in s["resps"]]
         expected = [own_loglikelihood(model, tokenizer, *args) for args in s["arguments"]]
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_family_that_starts_texts_with_bos_is_scored_after_bos(tmp_path):
+    from dsfm.data.tokenizer import Tokenizer
+    from tests.family_tokenizers import llama3
+
+    tokenizer = Tokenizer.load(llama3(tmp_path, instruct=False))
+    assert tokenizer.add_bos
+    torch.manual_seed(0)
+    model = GPT(
+        ModelConfig(
+            vocab_size=tokenizer.vocab_size,
+            n_layers=1,
+            d_model=32,
+            n_heads=2,
+            n_kv_heads=1,
+            ffn_hidden=64,
+            max_seq_len=32,
+        )
+    ).eval()
+    lm = DsfmLM(model, tokenizer, batch_size=2, progress=False)
+    pairs = [("The capital of France is", " Paris"), ("", "import os")]
+    got = [ll for ll, _ in lm.loglikelihood([Instance("loglikelihood", {}, p, 0) for p in pairs])]
+    bos = tokenizer.bos_id
+    context = [bos, *tokenizer.encode(pairs[0][0])]
+    whole = [bos, *tokenizer.encode("".join(pairs[0]))]
+    expected = [
+        own_ids_loglikelihood(model, context, whole[len(context) :]),
+        own_ids_loglikelihood(model, [bos], tokenizer.encode(pairs[1][1])),
+    ]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
