@@ -25,6 +25,7 @@ setup(
         "hf": ["datasets>=2.18"],                    # hf:NAME inputs to prepare
         "tensorboard": ["tensorboard>=2.14"],        # the TensorBoard metrics sink
         "peft": ["peft>=0.13", "transformers>=4.45"],  # loading exported LoRA adapters
+        "eval": ["lm-eval>=0.4.5"],                  # dsfm eval --tasks: standard benchmarks
         "dev": [
             "pytest>=8",
             "pytest-timeout",
@@ -35,6 +36,7 @@ setup(
             "zstandard>=0.22",
             "datasets>=2.18",
             "tensorboard>=2.14",
+            "lm-eval>=0.4.5",
             # kernel tests run under TRITON_INTERPRET=1 on CPU; Linux wheels only
             "triton>=3.0; platform_system == 'Linux'",
         ],

@@ -1,5 +1,5 @@
-"""`dsfm <verb>`: prepare, data, train, finetune, generate, eval, merge, export, import, config,
-runs, plot, plan, doctor.
+"""`dsfm <verb>`: prepare, data, train, finetune, generate, chat, eval, merge, export, import,
+config, runs, plot, plan, doctor.
 
 The command line and nothing else: each verb is a function in the module that owns its
 concern (VERBS), called with the parsed arguments by name. Modules are imported when their
@@ -24,6 +24,7 @@ VERBS = {
     "import": ("dsfm.interop.hf", "import_command"),
     "eval": ("dsfm.eval.loss", "eval_command"),
     "generate": ("dsfm.eval.generate", "generate_command"),
+    "chat": ("dsfm.eval.chat", "chat_command"),
     "plan": ("dsfm.plan", "plan_command"),
     "doctor": ("dsfm.doctor", "doctor_command"),
     "config": ("dsfm.config.reference", "config_command"),
@@ -158,17 +159,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output plain checkpoint directory")
 
-    p = _verb(sub, "eval", "loss, perplexity and bits per byte on a prepared split")
+    p = _verb(
+        sub, "eval", "loss/perplexity/bits per byte on a split (--data), or benchmarks (--tasks)"
+    )
     p.add_argument(
         "checkpoint_path",
         metavar="checkpoint",
         help="run dir, checkpoints dir, tag dir or plain checkpoint",
     )
-    p.add_argument("--data", required=True, help="prepared dataset directory")
-    p.add_argument("--split", default="val")
-    p.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--data", default=None, help="prepared dataset directory (loss, ppl, bpb)")
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="lm-evaluation-harness tasks, comma-separated (e.g. hellaswag,arc_easy); "
+        "needs `pip install 'dsfm[eval]'`",
+    )
+    p.add_argument("--split", default="val", help="with --data")
+    p.add_argument("--seq-len", type=int, default=None, help="with --data; default: the model's")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-samples", type=int, default=None, help="default: the whole split")
+    p.add_argument(
+        "--max-samples", type=int, default=None, help="with --data; default: the whole split"
+    )
+    p.add_argument(
+        "--limit",
+        type=float,
+        default=None,
+        help="with --tasks: documents per task (<1: a fraction)",
+    )
+    p.add_argument(
+        "--num-fewshot", type=int, default=None, help="with --tasks; default: each task's own"
+    )
+    p.add_argument(
+        "--include-path", default=None, help="with --tasks: a directory of your own task YAMLs"
+    )
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cuda if present)")
     p.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
 
     p = _verb(sub, "generate", "sample text from a checkpoint")
@@ -188,6 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="send the prompt as a user turn of a chat model; print the reply",
     )
+    p.add_argument("--system", default=None, help="with --chat: a system message first")
+
+    p = _verb(sub, "chat", "talk to a chat model in the terminal (/reset, /exit, Ctrl-D)")
+    p.add_argument(
+        "checkpoint_path", metavar="checkpoint", help="run dir, its checkpoints/ dir, or a tag dir"
+    )
+    p.add_argument("--system", default=None, help="a system message, kept through /reset")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="per reply")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument(
+        "--seed", type=int, default=0, help="each reply is seeded with it, as `dsfm generate`"
+    )
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
 
     p = _verb(sub, "plan", "parameters, FLOPs, time and memory per ZeRO setup, before training")
     p.add_argument("--config", help="training config YAML (e.g. configs/d12.yaml)")

@@ -141,3 +141,54 @@ def bpe_data(tmp_path_factory) -> Path:
         ["stdlib"], out, vocab_size=2048, max_bytes=2_000_000, val_fraction=0.02, progress=False
     )
     return out
+
+
+CHAT_WORDS = "apple river stone cloud tiger green paper light music ocean bread chair".split()
+
+
+@pytest.fixture(scope="session")
+def chat_run(tmp_path_factory) -> Path:
+    """A tiny chat model trained from scratch (`dsfm prepare --chat`, then `dsfm train`, one
+    process) to answer "Say WORD." with "WORD!" and its end-of-turn token: a run directory."""
+    from dsfm.data.tokenizer import byte_tokenizer
+
+    root = tmp_path_factory.mktemp("chat")
+    with open(root / "chats.jsonl", "w") as f:
+        for i in range(400):
+            word = CHAT_WORDS[i * 7 % len(CHAT_WORDS)]
+            turns = [
+                {"role": "user", "content": f"Say {word}."},
+                {"role": "assistant", "content": f"{word}!"},
+            ]
+            if i % 2:
+                turns.insert(0, {"role": "system", "content": "Be brief."})
+            f.write(json.dumps({"messages": turns}) + "\n")
+    byte_tokenizer().save(root)
+    dsfm(
+        "prepare",
+        "--chat",
+        "--input",
+        str(root / "chats.jsonl"),
+        "--tokenizer",
+        str(root),
+        "--out",
+        str(root / "data"),
+        "--val-fraction",
+        "0.05",
+    )
+    run = root / "run"
+    dsfm(
+        "train",
+        *TINY,
+        f"data.path={root / 'data'}",
+        f"train.out_dir={run}",
+        "train.seq_len=64",
+        "train.micro_batch_size=8",
+        "train.grad_accum=1",
+        "train.max_steps=60",
+        "schedule.warmup_steps=5",
+        "eval.every=0",
+        "checkpoint.every=0",
+        "train.log_every=10",
+    )
+    return run

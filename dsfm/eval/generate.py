@@ -8,20 +8,27 @@ Design choices:
 - Filtering order is temperature -> top-k -> top-p, as in Hugging Face `generate`.
 - One sequence at a time: samples are a handful of prompts, so batching them (and the
   padding it needs) is not worth the code.
-- `sample` takes ids and returns ids; `generate_command` adds the checkpoint, the tokenizer
-  and, with `--chat`, the chat template around it.
+- `stream` yields ids as they are drawn; `sample` is `stream` collected, so the terminal
+  (`generate_command`, `dsfm chat`) and the trainer's samples draw from one loop.
+  `stream_text` turns ids into printable pieces, holding back a split UTF-8 character.
+- `sample`/`stream` take ids and return ids; `generate_command` adds the checkpoint, the
+  tokenizer and, with `--chat`, the chat template around it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import torch
 
 from dsfm.data.chat import prompt_ids as make_prompt
+from dsfm.data.chat import render_prompt
+from dsfm.data.tokenizer import Tokenizer
 from dsfm.interop.weights import load_model
 from dsfm.model.gpt import GPT
 
 
-def _check_args(
+def check_args(
     prompt_ids: list[int],
     max_new_tokens: int,
     temperature: float,
@@ -75,7 +82,6 @@ def _next_token(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-@torch.no_grad()
 def sample(
     model: GPT,
     prompt_ids: list[int],
@@ -88,26 +94,72 @@ def sample(
     eot_id: int | None = None,
     use_cache: bool = True,
 ) -> list[int]:
-    """Continue `prompt_ids`; return only the new tokens.
+    """Continue `prompt_ids`; return only the new tokens (`stream`, collected)."""
+    return list(
+        stream(
+            model,
+            prompt_ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            eot_id=eot_id,
+            use_cache=use_cache,
+        )
+    )
+
+
+def stream(
+    model: GPT,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eot_id: int | None = None,
+    use_cache: bool = True,
+) -> Iterator[int]:
+    """Continue `prompt_ids`, yielding each new token as soon as it is drawn.
 
     Stops after `max_new_tokens`, when prompt + output reaches the model's `max_seq_len`,
-    or when `eot_id` is drawn (the EOT itself is not returned). `temperature=0` is greedy
+    or when `eot_id` is drawn (the EOT itself is not yielded). `temperature=0` is greedy
     and ignores top_k/top_p. `seed=None` draws a fresh seed, still without touching the
-    global RNG. The model is put in eval mode and its previous mode restored.
+    global RNG. The model is in eval mode while the stream runs (also when the caller stops
+    reading early) and its previous mode is restored after. Arguments are checked at the
+    call, not at the first `next`.
     """
     max_seq_len = model.cfg.max_seq_len
-    _check_args(prompt_ids, max_new_tokens, temperature, top_k, top_p, max_seq_len)
+    check_args(prompt_ids, max_new_tokens, temperature, top_k, top_p, max_seq_len)
     budget = min(max_new_tokens, max_seq_len - len(prompt_ids))
-    if budget <= 0:
-        return []
-
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()  # non-deterministic, and private to this call
     else:
         generator.manual_seed(seed)
+    return _tokens(
+        model, prompt_ids, budget, temperature, top_k, top_p, generator, eot_id, use_cache
+    )
 
+
+@torch.no_grad()
+def _tokens(
+    model: GPT,
+    prompt_ids: list[int],
+    budget: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator,
+    eot_id: int | None,
+    use_cache: bool,
+) -> Iterator[int]:
+    if budget <= 0:
+        return
+    device = generator.device
     was_training = model.training
     model.eval()
     try:
@@ -115,23 +167,46 @@ def sample(
         # The last drawn token is never fed back, hence the - 1.
         cache = model.new_cache(1, max_len=len(prompt_ids) + budget - 1) if use_cache else None
         logits = model(ids, cache=cache)[0, -1]  # (V,)
-        out: list[int] = []
         for step in range(budget):
             token = _next_token(logits, temperature, top_k, top_p, generator)
             if token == eot_id:
-                break
-            out.append(token)
+                return
+            yield token
             if step == budget - 1:
-                break
+                return
             new = torch.tensor([[token]], dtype=torch.long, device=device)  # (1, 1)
             if cache is not None:
                 logits = model(new, cache=cache)[0, -1]
             else:
                 ids = torch.cat([ids, new], dim=1)  # (1, T + step + 1)
                 logits = model(ids)[0, -1]
-        return out
     finally:
         model.train(was_training)
+
+
+def stream_text(tokenizer: Tokenizer, tokens: Iterable[int]) -> Iterator[str]:
+    """The text of `tokens` in pieces, as they arrive; the pieces join to `decode(all)`.
+
+    A token can hold part of a UTF-8 character (byte-level BPE); its text is held back until
+    the character completes, so no U+FFFD flickers on the terminal.
+    """
+    ids: list[int] = []
+    shown = ""
+    for token in tokens:
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd") and text.startswith(shown):
+            yield text[len(shown) :]
+            shown = text
+    text = tokenizer.decode(ids)
+    if len(text) > len(shown):
+        yield text[len(shown) :]
+
+
+def chat_turn(system: str | None, history: list[dict], user: str) -> list[dict]:
+    """The messages that ask for the next reply: the system message, the history, `user`."""
+    head = [{"role": "system", "content": system}] if system is not None else []
+    return [*head, *history, {"role": "user", "content": user}]
 
 
 def generate_command(
@@ -145,10 +220,17 @@ def generate_command(
     dtype: str,
     no_cache: bool,
     chat: bool,
+    system: str | None,
 ) -> int:
+    if system is not None and not chat:
+        raise ValueError("--system is a chat model's system message; add --chat")
     model, tokenizer = load_model(checkpoint_path, dtype=dtype)
     ids, stop_id = make_prompt(tokenizer, prompt, chat=chat)
-    new = sample(
+    if system is not None:
+        ids = render_prompt(chat_turn(system, [], prompt), tokenizer)
+    if not chat:
+        print(prompt, end="", flush=True)
+    tokens = stream(
         model,
         ids,
         max_new_tokens=max_new_tokens,
@@ -159,5 +241,7 @@ def generate_command(
         eot_id=stop_id,
         use_cache=not no_cache,
     )
-    print(tokenizer.decode(new) if chat else prompt + tokenizer.decode(new))
+    for piece in stream_text(tokenizer, tokens):
+        print(piece, end="", flush=True)
+    print()
     return 0

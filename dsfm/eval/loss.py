@@ -285,13 +285,48 @@ def evaluate_checkpoint(
 
 def eval_command(
     checkpoint_path: str,
-    data: str,
+    data: str | None,
+    tasks: str | None,
     split: str,
     seq_len: int | None,
     batch_size: int,
     max_samples: int | None,
+    limit: float | None,
+    num_fewshot: int | None,
+    include_path: str | None,
+    dtype: str,
+    device: str | None,
     as_json: bool,
 ) -> int:
+    """`dsfm eval`: loss, perplexity and bits per byte on `data`, or benchmarks on `tasks`."""
+    if (data is None) == (tasks is None):
+        raise ValueError(
+            "give --data DIR (loss, perplexity, bits per byte on a prepared split) or "
+            "--tasks a,b (lm-evaluation-harness benchmarks), not both or neither"
+        )
+    if tasks is not None:
+        misplaced = {"--split": split != "val", "--seq-len": seq_len, "--max-samples": max_samples}
+        mode = "--data"
+    else:
+        misplaced = {"--limit": limit, "--num-fewshot": num_fewshot, "--include-path": include_path}
+        mode = "--tasks"
+    wrong = [flag for flag, value in misplaced.items() if value not in (None, False)]
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} only for {mode}")
+    if tasks is not None:
+        from dsfm.eval.benchmark import benchmark_command
+
+        return benchmark_command(
+            checkpoint_path,
+            tasks,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            include_path=include_path,
+            batch_size=batch_size,
+            dtype=dtype,
+            device=device,
+            as_json=as_json,
+        )
     result = evaluate_checkpoint(
         checkpoint_path,
         data,
@@ -299,6 +334,8 @@ def eval_command(
         seq_len=seq_len,
         batch_size=batch_size,
         max_samples=max_samples,
+        dtype=dtype,
+        device=device,
     )
     if as_json:
         print(json.dumps(result))

@@ -10,6 +10,8 @@
       metrics.csv        tensorboard/   wandb/              what the chosen sinks write
       checkpoints/       tags, `latest` (their layout: `dsfm.train.checkpoint`)
       data/              datasets prepared from `dsfm train --data RAW` (`dsfm.data.cache`)
+      eval/              benchmark results of its tags (`dsfm eval --tasks`); a plain
+                         checkpoint's go to eval/ beside it
 
 Design choices:
 - Paths only and the plain files' reading and writing; no torch, so `dsfm runs` and
@@ -38,6 +40,7 @@ METRICS_CSV = "metrics.csv"
 TENSORBOARD = "tensorboard"  # W&B makes RUN/wandb/ itself
 CHECKPOINTS = "checkpoints"
 DATA = "data"
+EVAL = "eval"
 
 
 def checkpoints_dir(run: str | Path) -> Path:
@@ -47,6 +50,13 @@ def checkpoints_dir(run: str | Path) -> Path:
 def data_dir(run: str | Path) -> Path:
     """Where `dsfm train --data RAW` caches the dataset it prepares, beside the run's files."""
     return Path(run) / DATA
+
+
+def eval_dir(ckpt_dir: str | Path) -> Path:
+    """Where results of a tag under `ckpt_dir` go: RUN/eval for a run's checkpoints dir,
+    else eval/ inside `ckpt_dir` (beside a plain checkpoint's tag directory)."""
+    ckpt_dir = Path(ckpt_dir)
+    return ckpt_dir.parent / EVAL if ckpt_dir.name == CHECKPOINTS else ckpt_dir / EVAL
 
 
 def is_run_dir(path: str | Path) -> bool:

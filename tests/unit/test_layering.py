@@ -76,9 +76,10 @@ ALLOWED = {
     + ["dsfm.train.checkpoint"],
     "dsfm.observe": ["dsfm.config.schema", "dsfm.config.deepspeed", "dsfm.gpus"]
     + ["dsfm.model.config", "dsfm.model.sizes", "dsfm.train.checkpoint"],
-    # training's outputs are read through their formats, and ZeRO weights through the engine
+    # training's outputs are read through their formats, and ZeRO weights through the engine;
+    # benchmark results are saved in the run directory
     "dsfm.eval": ["dsfm.data", "dsfm.model", "dsfm.distributed", "dsfm.interop"]
-    + ["dsfm.train.checkpoint"],
+    + ["dsfm.train.checkpoint", "dsfm.observe.rundir"],
     # export writes the tokenizer's chat template (dsfm's, as Jinja) beside the tokenizer
     "dsfm.interop": ["dsfm.atomic", "dsfm.hub", "dsfm.config", "dsfm.data.tokenizer", "dsfm.model"]
     + ["dsfm.data.chat", "dsfm.train.checkpoint", "dsfm.train.engine"],

@@ -131,3 +131,35 @@ def test_empty_or_too_long_prompt_refused(model):
         sample(model, list(range(65)), max_new_tokens=5)
     with pytest.raises(ValueError, match="token ids"):
         sample(model, [VOCAB], max_new_tokens=5)
+
+
+def test_stream_yields_what_sample_returns_and_restores_mode_when_closed_early(model):
+    from dsfm.eval.generate import stream
+
+    kwargs = dict(max_new_tokens=20, temperature=0.9, top_k=20, seed=5)
+    assert list(stream(model, PROMPT, **kwargs)) == sample(model, PROMPT, **kwargs)
+    model.train()
+    tokens = stream(model, PROMPT, **kwargs)
+    next(tokens)
+    assert not model.training  # sampling runs in eval mode
+    tokens.close()  # the reader stopped early (Ctrl-C, a stop string)
+    assert model.training
+    model.eval()
+    with pytest.raises(ValueError, match="temperature"):
+        stream(model, PROMPT, max_new_tokens=4, temperature=-1)  # at the call, not on next()
+
+
+def test_stream_text_joins_to_the_decoded_text_and_never_shows_half_a_character():
+    from dsfm.data.tokenizer import byte_tokenizer
+    from dsfm.eval.generate import stream_text
+
+    tok = byte_tokenizer()
+    ids = tok.encode("añb東京 done")  # multi-byte characters: one token per byte
+    pieces = list(stream_text(tok, ids))
+    assert "".join(pieces) == tok.decode(ids)
+    assert not any("\ufffd" in p for p in pieces)
+    assert "東" in pieces  # shown once its third byte arrived
+    broken = ids[:4]  # "añ" and the first byte of "b"... cut inside no character
+    assert "".join(stream_text(tok, broken)) == tok.decode(broken)
+    cut = tok.encode("東")[:2]  # a reply cut mid-character still ends with its text
+    assert "".join(stream_text(tok, cut)) == tok.decode(cut)
