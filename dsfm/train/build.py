@@ -129,17 +129,21 @@ def open_val(
 def data_overrides(config_path: str | None, overrides: list[str], data: str | None) -> list[str]:
     """`data.path=DIR` for a run whose data is `--data` (a prepared dataset, or raw text to
     prepare into RUN/data/), or which names no data (the embedded corpus, prepared into
-    the user's cache); nothing when the config names its data."""
-    cfg = load_config(config_path, overrides)  # a config with problems stops here
-    if data and (cfg.data.path or cfg.data.mix):
+    the user's cache); nothing when the config names its data. `--data` replaces the YAML's
+    data, as any command-line value does; with `data.path=`/`data.mix=` also on the command
+    line it is refused."""
+    named = {o.split("=", 1)[0].strip() for o in overrides}
+    if data and named & {"data.path", "data.mix"}:
         raise ValueError(
-            f"--data {data} and the config's data.{'path' if cfg.data.path else 'mix'} both "
-            "name the training data; pass one of them"
+            f"--data {data} and {' and '.join(sorted(named & {'data.path', 'data.mix'}))}= on "
+            "the command line both name the training data; pass one of them"
         )
-    if cfg.data.path or cfg.data.mix:
+    cfg = load_config(config_path, overrides)  # a config with problems stops here
+    if not data and (cfg.data.path or cfg.data.mix):
         return []
+    replace = ["data.mix=[]"] if cfg.data.mix else []  # the YAML's blend gives way to --data
     if data and is_dataset_dir(data):
-        return [f"data.path={data}"]
+        return [*replace, f"data.path={data}"]
     inputs, root = ([data], rundir.data_dir(cfg.train.out_dir)) if data else ([STDLIB], None)
     path = cache.prepared(
         inputs,
@@ -149,4 +153,4 @@ def data_overrides(config_path: str | None, overrides: list[str], data: str | No
         say=lambda line: print(line, flush=True),  # the preparer of each node speaks
         progress=is_rank0(),
     )
-    return [f"data.path={path}"]
+    return [*replace, f"data.path={path}"]
