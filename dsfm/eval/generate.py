@@ -82,32 +82,10 @@ def _next_token(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def sample(
-    model: GPT,
-    prompt_ids: list[int],
-    *,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    eot_id: int | None = None,
-    use_cache: bool = True,
-) -> list[int]:
-    """Continue `prompt_ids`; return only the new tokens (`stream`, collected)."""
-    return list(
-        stream(
-            model,
-            prompt_ids,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            eot_id=eot_id,
-            use_cache=use_cache,
-        )
-    )
+def sample(model: GPT, prompt_ids: list[int], **options) -> list[int]:
+    """Continue `prompt_ids`; return only the new tokens (`stream`'s, collected; the same
+    keyword options)."""
+    return list(stream(model, prompt_ids, **options))
 
 
 def stream(
