@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from dsfm.config.deepspeed import zero_stage
-from dsfm.config.load import load_config
+from dsfm.config.load import load_config, parse_config
 from dsfm.config.schema import Config
 from dsfm.data import cache
 from dsfm.data.blend import BlendedDataset, open_split
@@ -138,9 +138,11 @@ def data_overrides(config_path: str | None, overrides: list[str], data: str | No
             f"--data {data} and {' and '.join(sorted(named & {'data.path', 'data.mix'}))}= on "
             "the command line both name the training data; pass one of them"
         )
-    cfg = load_config(config_path, overrides)  # a config with problems stops here
-    if not data and (cfg.data.path or cfg.data.mix):
-        return []
+    if not data:
+        named, _ = parse_config(config_path, overrides)
+        if named.data.path or named.data.mix:
+            return []  # the resolve step reports all of this config's problems at once
+    cfg = load_config(config_path, overrides)  # a config with problems stops before preparing
     replace = ["data.mix=[]"] if cfg.data.mix else []  # the YAML's blend gives way to --data
     if data and is_dataset_dir(data):
         return [*replace, f"data.path={data}"]
