@@ -203,8 +203,9 @@ def _style(axes: dict[str, Any], x: str) -> None:
     axes["loss"].set_xlim(left=0)
     axes["speed"].yaxis.set_major_formatter(count)
     axes["lr"].yaxis.set_major_formatter(FuncFormatter(lambda v, _: scientific(v)))
-    if "mem_gb" in axes:
-        axes["mem_gb"].set_ylim(bottom=0)  # memory against zero: how full, not how it wiggles
+    if "mem_gb" in axes:  # memory against zero: how full, not how it wiggles
+        mem = [y for line in axes["mem_gb"].get_lines() for y in line.get_ydata()]
+        axes["mem_gb"].set_ylim(0, 1.15 * np.nanmax(mem))
     _log_scale(axes["gnorm"])
     ppl = [y for line in axes["ppl"].get_lines() for y in line.get_ydata() if np.isfinite(y)]
     if ppl and max(ppl) / max(min(ppl), 1e-9) > 10:  # spans an order of magnitude: log
