@@ -128,3 +128,10 @@ def test_tensorboard_gets_config_text_and_hparams(tmp_path):
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
     names = [m.name.tag for m in experiment.experiment.metric_infos]
     assert names == ["train/loss", "val/loss"]
+
+
+def test_status_line_shows_gpu_memory_only_when_logged():
+    from dsfm.observe.sinks import status_line
+
+    assert "mem" not in status_line(ROW, 10)
+    assert status_line({**ROW, "mem_gb": 10.54}, 10).endswith(" | mem 10.5 GiB")
