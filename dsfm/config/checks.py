@@ -128,7 +128,7 @@ def _log_problems(cfg: Config) -> list[str]:
         if name not in LOG_SINKS:
             hint = suggest(name, list(LOG_SINKS), known=False)
             p.append(f"log.sinks: unknown sink {name!r}{hint}; known sinks: {', '.join(LOG_SINKS)}")
-    if cfg.log.wandb_mode not in WANDB_MODES:
+    if cfg.log.wandb_mode is not None and cfg.log.wandb_mode not in WANDB_MODES:
         p.append(
             f"log.wandb_mode must be one of {', '.join(WANDB_MODES)}, got {cfg.log.wandb_mode!r}"
         )

@@ -168,9 +168,15 @@ class LogConfig:
     sinks: list[str] = field(default_factory=lambda: ["console"])
     "Metric sinks besides metrics.jsonl (always written): console, csv, tensorboard, wandb."
     wandb_project: str | None = None
-    "W&B project for the wandb sink; None = the run directory's name."
-    wandb_mode: str = "offline"
-    "W&B mode: offline (no network; `wandb sync RUN/wandb/offline-run-*` later) or online."
+    "W&B project; None = $WANDB_PROJECT, else 'dsfm'. The run is named after its directory."
+    wandb_mode: str | None = None
+    "W&B mode: online, offline (sync later) or disabled; None = $WANDB_MODE, else offline."
+    wandb_entity: str | None = None
+    "W&B entity (user or team); None = $WANDB_ENTITY, else your default entity."
+    wandb_group: str | None = None
+    "W&B group of related runs (a sweep); None = $WANDB_RUN_GROUP, else none."
+    wandb_tags: list[str] | None = None
+    "W&B tags of the run; None = $WANDB_TAGS (comma-separated), else none."
     warnings: bool = True
     "Watch the run: warn on a stalled loss, overfitting, exploding grad norm, throughput drop."
 
@@ -193,4 +199,4 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 SCHEDULE_KINDS = ("cosine", "linear", "constant", "wsd")
 # Sink name -> the package it needs (the sinks themselves are in dsfm/observe/sinks.py).
 LOG_SINKS = {"console": None, "csv": None, "tensorboard": "tensorboard", "wandb": "wandb"}
-WANDB_MODES = ("offline", "online")
+WANDB_MODES = ("online", "offline", "disabled")

@@ -80,15 +80,7 @@ class RunLogger:
         self.metrics, self.samples = rundir.open_rows(run_dir)
         self.monitor = Monitor(warmup_steps) if log_cfg.warnings else None
         self.sinks = open_sinks(
-            log_cfg.sinks,
-            run_dir,
-            self.console,
-            total_steps,
-            start_step,
-            log_every,
-            log_cfg.wandb_project,
-            log_cfg.wandb_mode,
-            config,
+            log_cfg, run_dir, self.console, total_steps, start_step, log_every, config
         )
 
     def log(self, row: dict[str, Any]) -> None:

@@ -31,6 +31,14 @@ def human(n: float | None) -> str:
     return f"{n:.3g}" if isinstance(n, float) else str(n)
 
 
+def scientific(x: float) -> str:
+    """0.0025 -> 2.5e-3: learning rates as configs write them (two significant digits)."""
+    if x == 0:
+        return "0"
+    mantissa, exponent = f"{x:.1e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
 def duration(seconds: float | None) -> str:
     """< 1 s, 12.3 s, 5m03s, 2h05m, 3d04h."""
     if seconds is None:

@@ -3,9 +3,14 @@
 Panels share one x axis (step, or tokens seen): loss (train raw, faint, under a centred
 moving average; validation as dashed markers), validation perplexity (exp of the smoothed
 train loss for a run without evals), learning rate, gradient norm (log scale) and
-throughput, plus MFU when the accelerator's peak is known (never on CPU). A run keeps one
-color in every panel and the figure has one legend. The Figure is built without pyplot:
-no global state and no display, and it renders anywhere (Agg for PNG).
+throughput, plus MFU when the accelerator's peak is known (never on CPU) and GPU memory
+when the run logged `mem_gb` (CUDA only). A run keeps one color in every panel and the
+figure has one legend. The Figure is built without pyplot: no global state and no
+display, and it renders anywhere (Agg for PNG).
+
+Readable at a glance: log axes label 1-2-5 (or finer, down to 1-1.5-2-3-5-7, when they
+span less than two decades) in plain numbers, learning rates read 3e-3 as configs write
+them, and the last validation perplexity is written inside its panel, never clipped.
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from matplotlib.transforms import blended_transform_factory
 
-from dsfm.observe.numbers import human
+from dsfm.observe.numbers import human, scientific
 from dsfm.observe.rundir import METRICS
 from dsfm.observe.runs import Run, load_run
 
 FORMATS = (".png", ".pdf", ".svg")
+LOG_FINE_SUBS = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
 MARKED_EVENTS = ("rollback", "spike", "nonfinite", "nonfinite_grad", "warning")
 FIGSIZE_IN = (14, 9)
 DPI = 120
@@ -84,17 +90,18 @@ def plot_runs(
                 "plot it once it has logged a step"
             )
     labels = run_labels([run.path for run in runs])
-    has_mfu = any(np.isfinite(column(run.rows, "mfu")).any() for run in runs)
+    logged = {key: any(np.isfinite(column(run.rows, key)).any() for run in runs)
+              for key in ("mfu", "mem_gb")}  # fmt: skip
 
     fig = Figure(figsize=FIGSIZE_IN, dpi=DPI, layout="constrained")
-    grid = fig.add_gridspec(2, 12)
-    loss_ax = fig.add_subplot(grid[0, :7])
-    ppl_ax = fig.add_subplot(grid[0, 7:], sharex=loss_ax)
-    bottom = ["lr", "gnorm", "speed"] + (["mfu"] if has_mfu else [])
-    width = 12 // len(bottom)
+    rows = fig.add_gridspec(2, 1)
+    top = rows[0].subgridspec(1, 2, width_ratios=(7, 5))
+    loss_ax = fig.add_subplot(top[0])
+    ppl_ax = fig.add_subplot(top[1], sharex=loss_ax)
+    bottom = ["lr", "gnorm", "speed"] + [k for k in ("mfu", "mem_gb") if logged[k]]
     axes = {"loss": loss_ax, "ppl": ppl_ax}
-    for i, name in enumerate(bottom):
-        axes[name] = fig.add_subplot(grid[1, i * width : (i + 1) * width], sharex=loss_ax)
+    for name, cell in zip(bottom, rows[1].subgridspec(1, len(bottom))):
+        axes[name] = fig.add_subplot(cell, sharex=loss_ax)
 
     windows = []
     for i, (run, label) in enumerate(zip(runs, labels)):
@@ -125,14 +132,16 @@ def _plot_run(axes: dict[str, Any], run: Run, label: str, color: str, x: str, wi
     if evals:
         ppl = np.exp(column(evals, "val_loss"))
         ax.plot(val_x, ppl, gid=f"{label}/val_ppl", **val_style)
-        ax.annotate(
+        ax.annotate(  # left of the last point, above it; _style keeps it inside the panel
             f"{ppl[-1]:.1f}",
             (val_x[-1], ppl[-1]),
-            xytext=(-4, 6),
+            xytext=(-4, 4),
             ha="right",
+            va="bottom",
             textcoords="offset points",
             color=color,
             fontweight="bold",
+            gid=f"{label}/val_ppl_last",
         )
     else:  # no evals yet: the smoothed train loss's perplexity, dotted (see the legend)
         ax.plot(xs, np.exp(loss_smooth), color=color, lw=1.8, ls=":", gid=f"{label}/train_ppl")
@@ -145,6 +154,8 @@ def _plot_run(axes: dict[str, Any], run: Run, label: str, color: str, x: str, wi
     if "mfu" in axes:
         mfu = 100 * column(rows, "mfu")
         axes["mfu"].plot(xs, moving_average(mfu, window), color=color, lw=1.8, gid=f"{label}/mfu")
+    if "mem_gb" in axes:  # a step's peak: no smoothing, the highest is what matters
+        axes["mem_gb"].plot(xs, column(rows, "mem_gb"), color=color, lw=1.8, gid=f"{label}/mem_gb")
 
 
 def _mark_events(ax: Any, run: Run, color: str, x: str) -> None:
@@ -178,6 +189,7 @@ def _style(axes: dict[str, Any], x: str) -> None:
         "gnorm": ("Gradient norm", "global L2 norm, before clipping"),
         "speed": ("Throughput", "tokens/s"),
         "mfu": ("Model FLOPs utilization", "MFU (%)"),
+        "mem_gb": ("GPU memory", "peak allocated per step (GiB)"),
     }
     count = FuncFormatter(lambda v, _: human(v) if v else "0")
     for key, ax in axes.items():
@@ -190,19 +202,39 @@ def _style(axes: dict[str, Any], x: str) -> None:
         ax.xaxis.set_major_formatter(count)
     axes["loss"].set_xlim(left=0)
     axes["speed"].yaxis.set_major_formatter(count)
-    axes["lr"].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
+    axes["lr"].yaxis.set_major_formatter(FuncFormatter(lambda v, _: scientific(v)))
+    if "mem_gb" in axes:  # memory against zero: how full, not how it wiggles
+        mem = [y for line in axes["mem_gb"].get_lines() for y in line.get_ydata()]
+        axes["mem_gb"].set_ylim(0, 1.15 * np.nanmax(mem))
     _log_scale(axes["gnorm"])
     ppl = [y for line in axes["ppl"].get_lines() for y in line.get_ydata() if np.isfinite(y)]
     if ppl and max(ppl) / max(min(ppl), 1e-9) > 10:  # spans an order of magnitude: log
         _log_scale(axes["ppl"])
+    _headroom(axes["ppl"])
 
 
 def _log_scale(ax: Any) -> None:
-    """Log y with ticks at 1, 2, 5 x 10^k in plain numbers: 0.5, 1, 2 read faster than 10^0."""
+    """Log y in plain numbers (0.5, 1, 2 read faster than 10^0), with ticks at 1-2-5 x 10^k,
+    finer when the axis spans less than two decades, so it never shows just one or two."""
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    low, high = ax.get_ylim()
+    decades = np.log10(high / low) if low > 0 and high > low else 0.0
+    subs = (1.0,) if decades > 4 else (1.0, 2.0, 5.0) if decades > 2 else LOG_FINE_SUBS
+    ax.yaxis.set_major_locator(LogLocator(subs=subs))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}" if v < 1e4 else human(v)))
     ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _headroom(ax: Any) -> None:
+    """Room above the highest point for the labels written above points (a tenth of the
+    panel, in its own scale), so the last perplexity is never cut at the panel's top."""
+    if not ax.texts:
+        return
+    low, high = ax.get_ylim()
+    if ax.get_yscale() == "log":
+        ax.set_ylim(low, high * (high / low) ** 0.1)
+    else:
+        ax.set_ylim(low, high + 0.1 * (high - low))
 
 
 def _legend(fig: Figure, runs: list[Run], labels: list[str], windows: list[int]) -> None:

@@ -8,6 +8,7 @@
       summary.json       the end-of-run summary
       tokenizer.json     the data's tokenizer (`dsfm.data.tokenizer`)
       metrics.csv        tensorboard/   wandb/              what the chosen sinks write
+      wandb_run_id       the W&B run's id, so a resumed or requeued run stays one W&B run
       checkpoints/       tags, `latest` (their layout: `dsfm.train.checkpoint`)
       data/              datasets prepared from `dsfm train --data RAW` (`dsfm.data.cache`)
       eval/              benchmark results of its tags (`dsfm eval --tasks`); a plain
@@ -38,6 +39,7 @@ SAMPLES = "samples.jsonl"
 SUMMARY = "summary.json"
 METRICS_CSV = "metrics.csv"
 TENSORBOARD = "tensorboard"  # W&B makes RUN/wandb/ itself
+WANDB_RUN_ID = "wandb_run_id"
 CHECKPOINTS = "checkpoints"
 DATA = "data"
 EVAL = "eval"
@@ -121,3 +123,13 @@ def metrics_age_s(run: Path, now: float) -> float | None:
 
 def write_summary(run: Path, summary: dict[str, Any]) -> None:
     (run / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def read_wandb_run_id(run: Path) -> str | None:
+    """The W&B run id an earlier invocation of this run wrote; None if there is none."""
+    path = run / WANDB_RUN_ID
+    return (path.read_text().strip() or None) if path.is_file() else None
+
+
+def write_wandb_run_id(run: Path, run_id: str) -> None:
+    (run / WANDB_RUN_ID).write_text(run_id + "\n")

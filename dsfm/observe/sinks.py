@@ -14,6 +14,14 @@ One class per sink (`log.sinks` in the config picks them), each with `log(row)` 
   every eval column (`val_loss`, `val_ppl`, and `val_loss/<source>` per blend source), so
   a spreadsheet gets rectangular data; a row's missing cells stay empty and keys outside
   the header are dropped. A resumed run appends under the header already there.
+- TensorBoard also gets the resolved config, as YAML text (TEXT tab) and as hparams
+  (`section.field` columns in the HPARAMS tab, to compare runs by their settings).
+- W&B behaves as its users expect: each `log.wandb_*` field set in the config wins, else
+  its `WANDB_*` variable, else dsfm's default (project `dsfm`, mode `offline`); the run is
+  named after its directory. Its id is kept in the run directory (`rundir.WANDB_RUN_ID`)
+  and passed back with `resume="allow"`, so a resumed or requeued run is one W&B run; a
+  run that starts again from step 0 gets a new W&B run, as W&B drops steps that go back.
+  Mode `disabled` opens no sink: nothing is imported or written.
 - tensorboard and wandb are imported only when their sink is chosen (the config's resolve
   step has already said `pip install ...` if they are missing).
 """
@@ -21,10 +29,14 @@ One class per sink (`log.sinks` in the config picks them), each with `log(row)` 
 from __future__ import annotations
 
 import csv
+import json
 import math
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -35,7 +47,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from dsfm.config.schema import LOG_SINKS
+from dsfm.config.schema import LOG_SINKS, LogConfig
+from dsfm.observe import rundir
 from dsfm.observe.rundir import METRICS_CSV, TENSORBOARD
 
 EVAL_COLUMNS = ("val_loss", "val_ppl")
@@ -74,6 +87,8 @@ def status_line(row: dict[str, Any], max_steps: int) -> str:
     ]
     if row.get("mfu") is not None:
         parts.append(f"mfu {100 * row['mfu']:.1f}%")
+    if row.get("mem_gb") is not None:
+        parts.append(f"mem {row['mem_gb']:.1f} GiB")
     if "val_loss" in row:
         parts.append(f"val loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.1f})")
     return " | ".join(parts)
@@ -146,13 +161,36 @@ class CsvSink:
         self.file.close()
 
 
-class TensorBoardSink:
-    """Event files in RUN/tensorboard/ (`tensorboard --logdir RUN/tensorboard`)."""
+def hparams(config: dict[str, Any]) -> dict[str, Any]:
+    """The nested config as flat `section.field` values TensorBoard's hparams accept (numbers,
+    strings, booleans): lists and nulls as their JSON text."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in hparams(value).items()})
+        elif isinstance(value, (bool, int, float, str)):
+            flat[key] = value
+        else:
+            flat[key] = json.dumps(value)
+    return flat
 
-    def __init__(self, run_dir: Path):
+
+class TensorBoardSink:
+    """Event files in RUN/tensorboard/ (`tensorboard --logdir RUN/tensorboard`): the scalars,
+    and the resolved config as text and hparams at the invocation's first step."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any] | None = None, start_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
         self.writer = SummaryWriter(str(run_dir / TENSORBOARD), flush_secs=10)
+        if config:
+            text = yaml.safe_dump(config, sort_keys=False)
+            self.writer.add_text("config", f"```yaml\n{text}```", global_step=start_step)
+            # the metrics named here are the HPARAMS tab's columns, read from the scalars
+            metrics = {"train/loss": math.nan, "val/loss": math.nan}
+            for summary in hparams_summaries(hparams(config), metrics):
+                self.writer.file_writer.add_summary(summary, global_step=start_step)
 
     def log(self, row: dict[str, Any]) -> None:
         for tag, value in scalars(row).items():
@@ -162,21 +200,39 @@ class TensorBoardSink:
         self.writer.close()
 
 
+def wandb_settings(
+    log: LogConfig, run_dir: Path, environ: Mapping[str, str] = os.environ
+) -> dict[str, Any]:
+    """wandb.init's arguments: each field from the config when set, else its WANDB_*
+    variable, else dsfm's default. They are passed explicitly (wandb.init's arguments beat
+    its variables), so these rules are the whole story."""
+    tags = log.wandb_tags
+    if tags is None:
+        tags = [t.strip() for t in environ.get("WANDB_TAGS", "").split(",") if t.strip()]
+    return {
+        "project": log.wandb_project or environ.get("WANDB_PROJECT") or "dsfm",
+        "entity": log.wandb_entity or environ.get("WANDB_ENTITY") or None,
+        "group": log.wandb_group or environ.get("WANDB_RUN_GROUP") or None,
+        "tags": tags or None,
+        "mode": log.wandb_mode or environ.get("WANDB_MODE") or "offline",
+        "name": run_dir.resolve().name,
+        "dir": str(run_dir),
+    }
+
+
 class WandbSink:
     """A W&B run under RUN/wandb/ with the resolved config; offline mode needs no network
-    (`wandb sync RUN/wandb/offline-run-*` uploads it later). Each invocation is a new W&B
-    run; W&B drops rows whose step goes back (after a rollback) with a warning of its own."""
+    (`wandb sync RUN/wandb/offline-run-*` uploads it later). One W&B run per run directory
+    (see the module docstring); W&B drops rows whose step goes back (after a rollback) with
+    a warning of its own."""
 
-    def __init__(self, run_dir: Path, project: str | None, mode: str, config: dict[str, Any]):
+    def __init__(self, run_dir: Path, settings: dict[str, Any], config: dict[str, Any],
+                 start_step: int = 0):  # fmt: skip
         import wandb
 
-        self.run = wandb.init(
-            project=project or run_dir.resolve().name,
-            name=run_dir.resolve().name,
-            dir=str(run_dir),
-            mode=mode,
-            config=config,
-        )
+        run_id = rundir.read_wandb_run_id(run_dir) if start_step > 0 else None
+        self.run = wandb.init(**settings, id=run_id, resume="allow", config=config)
+        rundir.write_wandb_run_id(run_dir, self.run.id)
 
     def log(self, row: dict[str, Any]) -> None:
         self.run.log(scalars(row), step=row["step"])
@@ -186,27 +242,27 @@ class WandbSink:
 
 
 def open_sinks(
-    names: list[str],
+    log: LogConfig,
     run_dir: Path,
     console: Console,
     total_steps: int,
     start_step: int,
     log_every: int,
-    wandb_project: str | None = None,
-    wandb_mode: str = "offline",
     config: dict[str, Any] | None = None,
 ) -> list[Any]:
-    """The chosen sinks, in the order named (names were checked by the config)."""
+    """The sinks `log.sinks` names, in its order (names were checked by the config)."""
     sinks: list[Any] = []
-    for name in names:
+    for name in log.sinks:
         if name == "console":
             sinks.append(ConsoleSink(console, total_steps, start_step, log_every))
         elif name == "csv":
             sinks.append(CsvSink(run_dir))
         elif name == "tensorboard":
-            sinks.append(TensorBoardSink(run_dir))
+            sinks.append(TensorBoardSink(run_dir, config, start_step))
         elif name == "wandb":
-            sinks.append(WandbSink(run_dir, wandb_project, wandb_mode, config or {}))
+            settings = wandb_settings(log, run_dir)
+            if settings["mode"] != "disabled":
+                sinks.append(WandbSink(run_dir, settings, config or {}, start_step))
         else:
             raise ValueError(f"unknown sink {name!r}; known sinks: {', '.join(LOG_SINKS)}")
     return sinks

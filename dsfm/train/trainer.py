@@ -208,6 +208,8 @@ class Trainer:
         t = self.cfg.train
         start = time.perf_counter()
         step = self.counters.step + 1
+        if self.device.type == "cuda":  # mem_gb is this step's peak, not the run's
+            torch.cuda.reset_peak_memory_stats(self.device)
         self._beat("step")
         faults.at_step_start(step, self.rank)
         lr = self.lr()
@@ -272,6 +274,8 @@ class Trainer:
             **self._epoch_fields(),
             "skipped": skipped,
         }
+        if self.device.type == "cuda":  # GiB, as dsfm plan and dsfm.gpus count memory
+            row["mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return StepResult(row, event, stop)
 
     def lr(self) -> float:

@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from dsfm.observe import rundir
 from dsfm.train import checkpoint
 from tests.conftest import TINY, dsfm, read_metrics
 
@@ -128,3 +129,16 @@ def test_early_stop_saves_final_and_a_restart_does_not_train(byte_data, tmp_path
     out = train(byte_data, run, *args).stdout
     assert "run already complete: it stopped early at step 3" in out
     assert read_metrics(run) == rows  # not one step more
+
+
+def test_wandb_is_one_run_across_a_stop_and_resume(byte_data, tmp_path, offline_wandb):
+    """A time-boxed invocation (`train.stop_at`) and the one that continues it log to one W&B
+    run: both offline runs carry the id kept in the run directory. On CPU no mem_gb."""
+    run = tmp_path / "run"
+    for more in (["train.stop_at=2"], []):
+        train(byte_data, run, "train.max_steps=4", "eval.every=0", "log.sinks=[wandb]", *more)
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3, 4]  # resumed at 2
+    assert not any("mem_gb" in r for r in read_metrics(run))
+    offline = sorted((run / "wandb").glob("offline-run-*"))
+    ids = [next(d.glob("run-*.wandb")).stem.removeprefix("run-") for d in offline]
+    assert len(ids) == 2 and ids[0] == ids[1] == rundir.read_wandb_run_id(run)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from dsfm.observe.numbers import duration, finite_or_none, human, is_finite
+from dsfm.observe.numbers import duration, finite_or_none, human, is_finite, scientific
 
 
 @pytest.mark.parametrize(
@@ -43,3 +43,11 @@ def test_only_finite_real_numbers_count():
         None,
     ]
     assert is_finite(0.0) and not is_finite(-math.inf)
+
+
+@pytest.mark.parametrize(
+    "x, text", [(0.0, "0"), (3e-3, "3e-3"), (0.0025, "2.5e-3"), (5e-4, "5e-4"), (1.0, "1e0"),
+                (0.00013, "1.3e-4"), (-2e-5, "-2e-5")]  # fmt: skip
+)
+def test_scientific_as_configs_write_it(x, text):
+    assert scientific(x) == text

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +139,40 @@ def test_dashboard_refuses_bad_input(tmp_path):
     with pytest.raises(ValueError, match=r"\.png, \.pdf or \.svg"):
         save_figure(fig, tmp_path / "d.jpeg")
     assert not os.path.exists(tmp_path / "d.jpeg")
+
+
+def visible_tick_labels(axis) -> list[str]:
+    low, high = sorted(axis.get_view_interval())
+    return [t.get_text() for t in axis.get_majorticklabels()
+            if low <= t.get_position()[axis.axis_name == "y"] <= high and t.get_text()]  # fmt: skip
+
+
+def test_dashboard_memory_panel_and_readable_axes(tmp_path):
+    """A CUDA run's mem_gb gets its panel; LR reads in scientific notation; a grad norm
+    between 0.8 and 3 gets more than the 1 and 2 of a 1-2-5 log axis; a rising validation
+    perplexity's last value is written inside its panel."""
+    rows = []
+    for s in range(1, 41):
+        row = step_row(s, 4.0 - 0.02 * s, val=3.0 + 0.1 * s if s % 10 == 0 else None)
+        row.update(lr=3e-3 * s / 40, grad_norm=0.8 + 2.2 * (s % 7) / 6, mem_gb=10.5 + 0.01 * s)
+        rows.append(row)
+    run = make_run(tmp_path / "gpu", rows, max_steps=40)
+    fig = plot_runs([run])
+    fig.canvas.draw()  # tick labels and text extents exist once drawn
+    by_title = {ax.get_title(loc="left"): ax for ax in fig.axes}
+    assert list(by_title) == ["Loss", "Perplexity", "Learning rate", "Gradient norm",
+                              "Throughput", "GPU memory"]  # fmt: skip
+    [mem] = [line for line in by_title["GPU memory"].get_lines() if line.get_gid() == "gpu/mem_gb"]
+    np.testing.assert_allclose(mem.get_ydata(), [r["mem_gb"] for r in rows])
+    assert by_title["GPU memory"].get_ylim()[0] == 0
+
+    lr_labels = visible_tick_labels(by_title["Learning rate"].yaxis)
+    assert "3e-3" in lr_labels and all(re.fullmatch(r"0|\d(\.\d)?e-\d", t) for t in lr_labels)
+    assert {"1", "1.5", "2", "3"} <= set(visible_tick_labels(by_title["Gradient norm"].yaxis))
+
+    ppl_ax = by_title["Perplexity"]
+    [label] = [t for t in ppl_ax.texts if t.get_gid() == "gpu/val_ppl_last"]
+    assert label.get_text() == f"{math.exp(7.0):.1f}"  # the highest point of the panel
+    box, panel = label.get_window_extent(), ppl_ax.get_window_extent()
+    assert panel.x0 <= box.x0 and box.x1 <= panel.x1 and panel.y0 <= box.y0 and box.y1 <= panel.y1
+    save_figure(fig, tmp_path / "gpu.png")
