@@ -86,6 +86,8 @@ def config_command(
             raise ValueError(f"--get {get}: no such setting (see `dsfm config --reference`)")
         print(cfg[section][key])
         return 0
+    # one length, as a config says it: epochs (resolved to steps from the data) or max_steps
+    del cfg["train"]["max_steps" if cfg["train"]["epochs"] is not None else "epochs"]
     if diff:
         cfg = differences(cfg, to_dict(load_config()))
     print(yaml.safe_dump(cfg, sort_keys=False).rstrip() if cfg else "# same as the defaults")
