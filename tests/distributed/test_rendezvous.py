@@ -40,7 +40,7 @@ def test_busy_port_under_the_deepspeed_launcher(byte_data, tmp_path):
                 *TINY,
                 f"data.path={byte_data}",
                 f"train.out_dir={tmp_path / 'run'}",
-                "train.max_steps=2",
+                "train.max_steps=3",
             ],  # fmt: skip
             check=False,
             timeout=300,

@@ -60,7 +60,8 @@ def installed(tmp_path_factory) -> Path:
 
 
 def run_in(cwd: Path, bin_dir: Path, *cmd: str) -> subprocess.CompletedProcess:
-    env = {**job_env(), "PATH": f"{bin_dir}:{job_env()['PATH']}", "DSFM_CACHE": str(cwd / "c")}
+    cache = str(cwd.parent / "dsfm-cache")  # never the user's ~/.cache
+    env = {**job_env(), "PATH": f"{bin_dir}:{job_env()['PATH']}", "DSFM_CACHE": cache}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -95,4 +96,4 @@ def test_wheel_runs_the_quickstart_from_an_empty_directory(installed, tmp_path):
     assert (tmp_path / "runs/smoke/checkpoints/latest").exists()
     out = run_in(tmp_path, installed, "dsfm", "generate", "runs/smoke", "--max-new-tokens", "8")
     assert out.stdout.strip()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "data", "runs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "runs"]  # nothing else
