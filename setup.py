@@ -8,6 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["dsfm", "dsfm.*"]),
+    # the bundled training configs and DeepSpeed recipes (`--config smoke`, `--ds zero2`)
+    package_data={"dsfm": ["recipes/configs/*.yaml", "recipes/ds_configs/*.json"]},
     install_requires=[
         "torch>=2.4",          # a range, so a user's existing CUDA build is kept
         "deepspeed>=0.16",

@@ -46,9 +46,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+class _Help(argparse.HelpFormatter):
+    """Every option's default in its help, unless there is none or the help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            action.default in (None, argparse.SUPPRESS)
+            or action.default is False
+            or ("default" in text)
+        ):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsfm", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="verb", required=True)
+    from dsfm import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="dsfm",
+        description="Train decoder-only transformer language models from scratch on "
+        "DeepSpeed, fine-tune them, and evaluate, export and compare them.",
+        epilog="`dsfm VERB --help` describes a verb; start with `dsfm train --config smoke`.",
+    )
+    parser.add_argument("--version", action="version", version=f"dsfm {__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = _verb(sub, "prepare", "tokenize a corpus into packed train/val token files")
     p.add_argument(
@@ -75,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of tokens held out for validation: whole documents, or the end of the "
         "corpus when documents are too few (one text file)",
     )
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=int, default=1337, help="shuffles the train/val assignment")
     p.add_argument("--max-bytes", type=int, default=None, help="cap on corpus bytes read")
     p.add_argument(
         "--workers", type=int, default=1, help="tokenizer processes (output is identical)"
@@ -107,8 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         "tokens added); a loss mask on assistant turns",
     )
 
-    p = sub.add_parser("data", help="inspect (stats) or check (verify) a prepared dataset")
-    data_sub = p.add_subparsers(dest="data_verb", required=True)
+    p = sub.add_parser(
+        "data",
+        help="inspect (stats) or check (verify) a prepared dataset",
+        description="inspect (stats) or check (verify) a prepared dataset",
+    )
+    data_sub = p.add_subparsers(dest="data_verb", required=True, metavar="stats|verify")
     q = _verb(data_sub, "stats", "counts, lengths, top tokens, a random document", "data stats")
     q.add_argument("data_dir", metavar="dir", help="prepared dataset directory")
     q.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
@@ -128,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the embedded corpus, prepared once into $DSFM_CACHE or ~/.cache/dsfm)",
     )
     p = _verb(sub, "finetune", "fine-tune from train.init_from (LoRA or full)")
-    add_train_args(p, config="configs/sft_lora.yaml")
+    add_train_args(p, config="sft_lora")
 
     p = _verb(sub, "merge", "fold LoRA adapters into a plain checkpoint")
     p.add_argument(
@@ -143,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run dir, checkpoints dir, tag dir or plain checkpoint",
     )
     p.add_argument("--out", required=True, help="output directory (must not exist)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="weights' dtype")
     p.add_argument(
         "--adapter",
         action="store_true",
@@ -174,9 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="lm-evaluation-harness tasks, comma-separated (e.g. hellaswag,arc_easy); "
         "needs `pip install 'dsfm[eval]'`",
     )
-    p.add_argument("--split", default="val", help="with --data")
+    p.add_argument("--split", default="val", help="with --data: train or val")
     p.add_argument("--seq-len", type=int, default=None, help="with --data; default: the model's")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     p.add_argument(
         "--max-samples", type=int, default=None, help="with --data; default: the whole split"
     )
@@ -192,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--include-path", default=None, help="with --tasks: a directory of your own task YAMLs"
     )
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cuda if present)")
     p.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
 
@@ -200,13 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "checkpoint_path", metavar="checkpoint", help="run dir, its checkpoints/ dir, or a tag dir"
     )
-    p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--prompt", default="", help="text to continue (default: none)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest only")
+    p.add_argument(
+        "--top-p", type=float, default=None, help="sample from the smallest set with mass p"
+    )
+    p.add_argument("--seed", type=int, default=0, help="the sampling seed")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype")
     p.add_argument("--no-cache", action="store_true", help="recompute the context every token")
     p.add_argument(
         "--chat",
@@ -222,22 +250,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="a system message, kept through /reset")
     p.add_argument("--max-new-tokens", type=int, default=200, help="per reply")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest only")
+    p.add_argument(
+        "--top-p", type=float, default=None, help="sample from the smallest set with mass p"
+    )
     p.add_argument(
         "--seed", type=int, default=0, help="each reply is seeded with it, as `dsfm generate`"
     )
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype")
 
     p = _verb(sub, "plan", "parameters, FLOPs, time and memory per ZeRO setup, before training")
-    p.add_argument("--config", help="training config YAML (e.g. configs/d12.yaml)")
+    p.add_argument("--config", help="training config: a YAML file or a bundled name (e.g. d12)")
     p.add_argument(
         "--ds",
-        default="ds_configs/zero0.json",
-        help="DeepSpeed config whose bf16/fp16 section gives the precision (train.precision "
-        "wins); every ds_configs/ recipe is planned",
+        default="zero0",
+        help="DeepSpeed recipe whose bf16/fp16 section gives the precision (train.precision "
+        "wins); every bundled recipe is planned",
     )
-    p.add_argument("--gpus", type=int, default=1, help="GPUs in the job (default 1)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs in the job")
     p.add_argument(
         "--gpus-per-node",
         type=int,
@@ -269,25 +299,48 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print one JSON object with every number",
     )
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
     p = _verb(sub, "doctor", "can this machine run these configs? versions, GPUs, DeepSpeed ops")
     p.add_argument(
         "--ds",
         action="append",
         metavar="RECIPE",
-        help="DeepSpeed config to check (repeat for more; default: every ds_configs/ recipe)",
+        help="DeepSpeed recipe to check, a JSON file or a bundled name (repeat for more; "
+        "default: every bundled recipe)",
     )
-    p.add_argument("--config", help="training config YAML (its train.precision wins, as in train)")
+    p.add_argument(
+        "--config", help="training config, YAML or bundled (its train.precision wins, as in train)"
+    )
     p.add_argument(
         "--json", dest="as_json", action="store_true", help="print one JSON object with everything"
     )
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
-    p = _verb(sub, "config", "print every setting's reference, or one resolved value")
-    p.add_argument("--config", help="training config YAML")
-    p.add_argument("--get", metavar="SECTION.FIELD", help="print this resolved value")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p = _verb(
+        sub,
+        "config",
+        "a config resolved (defaults < --config < overrides) as YAML; the reference of every "
+        "setting when given nothing",
+    )
+    p.add_argument("--config", help="training config: a YAML file or a bundled name")
+    p.add_argument("--get", metavar="SECTION.FIELD", help="print this resolved value only")
+    p.add_argument(
+        "--diff", action="store_true", help="print only the settings that differ from defaults"
+    )
+    p.add_argument(
+        "--reference",
+        dest="show_reference",
+        action="store_true",
+        help="print every setting's default and meaning",
+    )
+    p.add_argument(
+        "--list",
+        dest="list_bundled",
+        action="store_true",
+        help="list the bundled training configs and DeepSpeed recipes",
+    )
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
     p = _verb(sub, "runs", "table of runs: status, model, data, steps, losses, speed")
     p.add_argument("dirs", nargs="*", default=["runs"], metavar="DIR", help="default: runs/")
@@ -309,12 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_train_args(p: argparse.ArgumentParser, config: str | None = None) -> None:
     p.add_argument(
-        "--config", default=config, help="training config YAML (e.g. configs/smoke.yaml)"
+        "--config",
+        default=config,
+        help="training config: a YAML file or a bundled name (`dsfm config --list`)",
     )
     p.add_argument(
         "--ds",
-        default="ds_configs/zero0.json",
-        help="DeepSpeed config JSON: how to run (default: ds_configs/zero0.json)",
+        default="zero0",
+        help="DeepSpeed recipe, how to run: a JSON file or a bundled name (zero0..zero3, "
+        "zero2_offload, zero3_offload)",
     )
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     p.add_argument(
@@ -326,7 +382,7 @@ def add_train_args(p: argparse.ArgumentParser, config: str | None = None) -> Non
 
 
 def _verb(sub, name: str, help: str, command: str | None = None) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help)
+    p = sub.add_parser(name, help=help, description=help, formatter_class=_Help)
     p.set_defaults(command=command or name)
     return p
 

@@ -23,13 +23,12 @@ import os
 import platform
 import sys
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from dsfm.config.deepspeed import fill_ds_config, precision, read_ds_config, zero_stage
-from dsfm.config.load import find_recipe, load_config
+from dsfm.config.load import RECIPES, find_recipe, load_config
 from dsfm.config.schema import Config, ConfigError
 from dsfm.distributed.env import world_size
 from dsfm.train import engine
@@ -152,8 +151,8 @@ def make_report(recipes: list[str], cfg: Config) -> dict[str, Any]:
 def doctor_command(
     ds: list[str] | None, config: str | None, overrides: list[str], as_json: bool
 ) -> int:
-    recipes = [find_recipe(p) for p in ds] if ds else _shipped_recipes()
-    cfg = load_config(find_recipe(config) if config else None, overrides)
+    recipes = [find_recipe(p, "ds_configs") for p in ds] if ds else _shipped_recipes()
+    cfg = load_config(find_recipe(config, "configs") if config else None, overrides)
     report = make_report(recipes, cfg)
     if as_json:
         print(json.dumps(report))
@@ -239,7 +238,7 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def _shipped_recipes() -> list[str]:
-    return [str(p) for p in sorted(Path(find_recipe("ds_configs")).glob("*.json"))]
+    return [str(p) for p in sorted((RECIPES / "ds_configs").glob("*.json"))]
 
 
 def _nccl_version() -> str | None:

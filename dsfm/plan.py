@@ -479,12 +479,13 @@ def plan_command(
         peak_flops=peak,
         gpus_per_node=gpus_per_node or min(gpus, 8),
     )
-    cfg = load_config(find_recipe(config) if config else None, overrides, world_size=gpus)
-    recipes = {v[0]: read_ds_config(find_recipe(f"ds_configs/{v[0]}.json")) for v in VARIANTS}
+    config_path = find_recipe(config, "configs") if config else None
+    cfg = load_config(config_path, overrides, world_size=gpus)
+    recipes = {v[0]: read_ds_config(find_recipe(v[0], "ds_configs")) for v in VARIANTS}
     plan = make_plan(
         cfg,
         recipes,
-        cfg.train.precision or ds_precision(read_ds_config(find_recipe(ds))),
+        cfg.train.precision or ds_precision(read_ds_config(find_recipe(ds, "ds_configs"))),
         hw,
         tokens=int(tokens) if tokens is not None else None,
         mfu=mfu,

@@ -1,15 +1,11 @@
-"""Pretrain under any launcher: the same code as `dsfm train`.
+"""`deepspeed launchers/pretrain.py ...` from a checkout: `dsfm.launch.pretrain` (which an
+installed package runs as `deepspeed --module dsfm.launch.pretrain`), the same code as
+`dsfm train`.
 
-    deepspeed launchers/pretrain.py --ds ds_configs/zero2.json --config configs/d12.yaml \
-        data.path=data/mycorpus train.max_steps=1000
-
-`--data corpus.txt` prepares raw text into RUN/data/ first; with no data at all it trains on
-the embedded corpus (prepared once into $DSFM_CACHE, default ~/.cache/dsfm).
+    deepspeed launchers/pretrain.py --ds zero2 --config d12 data.path=data/mycorpus
 """
 
-import sys
-
-from dsfm.cli import main
+import runpy
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    runpy.run_module("dsfm.launch.pretrain", run_name="__main__", alter_sys=True)

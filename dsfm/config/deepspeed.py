@@ -16,13 +16,19 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dsfm.config.load import bundled
 from dsfm.config.schema import Config, ConfigError
 
 
 def read_ds_config(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError([f"DeepSpeed config {p} not found (see ds_configs/*.json)"])
+        raise ConfigError(
+            [
+                f"DeepSpeed config {p} not found: pass the path to your JSON or a bundled "
+                f"recipe ({', '.join(bundled('ds_configs'))}; `dsfm config --list`)"
+            ]
+        )
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:

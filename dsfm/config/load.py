@@ -20,7 +20,11 @@ from dsfm.config.checks import check
 from dsfm.config.schema import SECTIONS, Config, ConfigError, suggest
 from dsfm.model.config import PRESETS
 
-SOURCE_ROOT = Path(__file__).resolve().parents[2]
+# The bundled training configs (configs/*.yaml) and DeepSpeed recipes (ds_configs/*.json):
+# package data, so an installed dsfm has them; the checkout's top-level configs/ and
+# ds_configs/ are links to these directories.
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+KINDS = {"configs": ".yaml", "ds_configs": ".json"}
 
 
 def load_config(
@@ -100,21 +104,30 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return d
 
 
-def find_recipe(path: str) -> str:
-    """A recipe path as given, else relative to the dsfm source tree (ds_configs/, configs/)."""
+def find_recipe(path: str, kind: str) -> str:
+    """A config (`kind` "configs") or DeepSpeed recipe ("ds_configs") path as given, else
+    bundled: `zero2`, `ds_configs/zero2.json` and `zero2.json` all name the bundled recipe,
+    so the checkout's paths work from any directory and with an installed package."""
     p = Path(path)
     if p.exists() or p.is_absolute():
         return str(p)
-    candidate = SOURCE_ROOT / p
-    return str(candidate) if candidate.exists() else str(p)
+    name = p.name if p.suffix else p.name + KINDS[kind]
+    if p.parent in (Path("."), Path(kind)) and (RECIPES / kind / name).is_file():
+        return str(RECIPES / kind / name)
+    return str(p)
+
+
+def bundled(kind: str) -> list[str]:
+    """The bundled names of `kind` ("configs" or "ds_configs"): `smoke`, `zero2`, ..."""
+    return sorted(p.stem for p in (RECIPES / kind).glob("*" + KINDS[kind]))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(
             [
-                f"config file {path} not found (pass --config configs/smoke.yaml or a "
-                "path to your own YAML)"
+                f"config file {path} not found: pass the path to your YAML or a bundled "
+                f"config ({', '.join(bundled('configs'))}; `dsfm config --list`)"
             ]
         )
     try:

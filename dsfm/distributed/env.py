@@ -37,6 +37,11 @@ from typing import Any
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 
 
+class LaunchError(RuntimeError, ValueError):
+    """The launch environment is wrong: one line naming the variable and the fix. A
+    ValueError too, so the command line reports it as bad input (exit 2, no traceback)."""
+
+
 @dataclass(frozen=True)
 class LaunchInfo:
     """This process's place in the job, as its launcher described it."""
@@ -75,6 +80,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def rendezvous_problem(error: str) -> str:
+    """What went wrong joining the process group (`error`: the backend's message), and the
+    fix, in one line. Rank 0 listens on MASTER_ADDR:MASTER_PORT; every other rank connects."""
+    addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+    if "EADDRINUSE" in error or "address already in use" in error.lower():
+        single = world_size() == 1
+        return (
+            f"MASTER_PORT={port} is already in use on this machine (another job, or a run "
+            "that has not exited), so rank 0 cannot listen on it: pick a free port with "
+            f"`deepspeed --master_port N` or `export MASTER_PORT=N`"
+            + ("; or unset MASTER_PORT and dsfm picks a free one" if single else "")
+        )
+    first = error.strip().splitlines()[0] if error.strip() else "no reason given"
+    return (
+        f"rank {rank()} could not reach the master at {addr}:{port} ({first}): check that "
+        "rank 0 is running and that MASTER_ADDR and MASTER_PORT (`deepspeed --master_addr / "
+        "--master_port`) name its host and a port open between the nodes"
+    )
 
 
 # --- detecting the launcher -------------------------------------------------------------------
@@ -138,7 +163,7 @@ def job_port(job_id: int) -> int:
 def _from_rank_env(env: Mapping[str, str]) -> LaunchInfo:
     for present, absent in (("RANK", "WORLD_SIZE"), ("WORLD_SIZE", "RANK")):
         if absent not in env:
-            raise RuntimeError(
+            raise LaunchError(
                 f"{present} is set but {absent} is not: launch with `deepspeed`, `torchrun` or "
                 f"`srun`, export both (a hand-made launch), or unset {present} to run as a "
                 "single process"
@@ -156,7 +181,7 @@ def _from_rank_env(env: Mapping[str, str]) -> LaunchInfo:
         local = rank_ if local_world is None else rank_ % local_world
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in env]
     if missing and world > 1:
-        raise RuntimeError(
+        raise LaunchError(
             f"WORLD_SIZE={world} but {' and '.join(missing)} {_is_are(missing)} not set: every "
             "rank must meet at the same address; export MASTER_ADDR and MASTER_PORT (the "
             "`deepspeed` launcher and torchrun do this for you)"
@@ -192,7 +217,7 @@ def _from_slurm(env: Mapping[str, str]) -> LaunchInfo:
     if world_var is None:
         missing.append("SLURM_NTASKS")
     if missing:
-        raise RuntimeError(
+        raise LaunchError(
             f"SLURM_STEP_ID={env['SLURM_STEP_ID']} marks an srun task, but {', '.join(missing)} "
             f"{_is_are(missing)} not set: run the command under `srun` directly (not through a "
             "wrapper that filters the environment), or export RANK, WORLD_SIZE, LOCAL_RANK, "
@@ -223,18 +248,18 @@ def _slurm_local_world_size(env: Mapping[str, str]) -> tuple[int | None, str]:
     try:
         counts = parse_tasks_per_node(env[var])
     except ValueError as e:
-        raise RuntimeError(f"{var}: {e}") from None
+        raise LaunchError(f"{var}: {e}") from None
     if len(set(counts)) == 1:
         return counts[0], var
     # Uneven layouts (`2,1`) list one count per node of the step, in node-list order.
     if "SLURM_NODEID" not in env:
-        raise RuntimeError(
+        raise LaunchError(
             f"{var}={env[var]} differs between nodes but SLURM_NODEID is not set, so this "
             "node's task count is unknown: run under `srun`, which sets both"
         )
     node = read_int(env, "SLURM_NODEID")
     if node >= len(counts):
-        raise RuntimeError(
+        raise LaunchError(
             f"SLURM_NODEID={node} but {var}={env[var]} lists only {len(counts)} nodes: the "
             "environment mixes two steps; run the command under one `srun`"
         )
@@ -244,14 +269,14 @@ def _slurm_local_world_size(env: Mapping[str, str]) -> tuple[int | None, str]:
 def _slurm_master_addr(env: Mapping[str, str]) -> str:
     var = first_set(env, ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"))
     if var is None:
-        raise RuntimeError(
+        raise LaunchError(
             "cannot choose MASTER_ADDR: neither MASTER_ADDR nor SLURM_STEP_NODELIST / "
             "SLURM_JOB_NODELIST is set; export MASTER_ADDR in the sbatch script"
         )
     try:
         return expand_nodelist(env[var])[0]
     except ValueError as e:
-        raise RuntimeError(
+        raise LaunchError(
             f"{var}: {e}; export MASTER_ADDR in the sbatch script to bypass it"
         ) from None
 
@@ -259,7 +284,7 @@ def _slurm_master_addr(env: Mapping[str, str]) -> str:
 def _slurm_port(env: Mapping[str, str]) -> int:
     var = first_set(env, ("SLURM_JOB_ID", "SLURM_JOBID"))
     if var is None:
-        raise RuntimeError(
+        raise LaunchError(
             "cannot choose MASTER_PORT: neither MASTER_PORT nor SLURM_JOB_ID is set; export "
             "MASTER_PORT in the sbatch script"
         )
@@ -284,7 +309,7 @@ def _check(
 ) -> None:
     """Ranks inside their worlds; the names are the launcher's own, so users can find them."""
     if info.rank >= info.world_size:
-        raise RuntimeError(
+        raise LaunchError(
             f"{rank_var}={info.rank} is not below {world_var}={info.world_size}: ranks run from "
             f"0 to {world_var}-1; every process of a job must be started with the same world size"
         )
@@ -292,12 +317,12 @@ def _check(
     if local_world is None:
         return
     if local_world > info.world_size:
-        raise RuntimeError(
+        raise LaunchError(
             f"{local_world_var}={local_world} is more than {world_var}={info.world_size}: a node "
             "cannot hold more ranks than the whole job; the two come from different launches"
         )
     if info.local_rank >= local_world:
-        raise RuntimeError(
+        raise LaunchError(
             f"{local_rank_var}={info.local_rank} is not below {local_world_var}={local_world}: "
             f"local ranks run from 0 to {local_world_var}-1 on each node; the two come from "
             "different launches"
@@ -309,21 +334,21 @@ def read_int(env: Mapping[str, str], name: str, minimum: int = 0) -> int:
     try:
         value = int(raw.strip())
     except ValueError:
-        raise RuntimeError(
+        raise LaunchError(
             f"{name}={raw!r} is not an integer: launchers export whole numbers; fix or unset "
             f"{name} in the script that sets it"
         ) from None
     if value < 0:
-        raise RuntimeError(f"{name}={value} is negative: fix or unset it in the launch script")
+        raise LaunchError(f"{name}={value} is negative: fix or unset it in the launch script")
     if value < minimum:
-        raise RuntimeError(f"{name}={value} must be at least {minimum}")
+        raise LaunchError(f"{name}={value} must be at least {minimum}")
     return value
 
 
 def read_port(env: Mapping[str, str]) -> int:
     port = read_int(env, "MASTER_PORT")
     if not 1 <= port <= 65535:
-        raise RuntimeError(f"MASTER_PORT={port} is not a TCP port (1-65535)")
+        raise LaunchError(f"MASTER_PORT={port} is not a TCP port (1-65535)")
     return port
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from dsfm.config.deepspeed import zero_stage
-from dsfm.distributed.env import local_rank, rank
+from dsfm.distributed.env import LaunchError, local_rank, rank, rendezvous_problem
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -51,7 +51,10 @@ def init_distributed(timeout_s: float = 0) -> None:
     if accelerator_name() != "cpu":
         get_accelerator().set_device(local_rank())
     kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s > 0 else {}
-    deepspeed.init_distributed(dist_backend=backend, verbose=False, **kwargs)
+    try:
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, **kwargs)
+    except torch.distributed.DistError as e:  # a busy port, an unreachable master: one line
+        raise LaunchError(rendezvous_problem(str(e))) from None
 
 
 def build_model(make: Callable[[], torch.nn.Module], ds: dict[str, Any]) -> torch.nn.Module:

@@ -546,8 +546,8 @@ def _train(
 ) -> int:
     try:
         summary = run(
-            find_recipe(config) if config else None,
-            find_recipe(ds),
+            find_recipe(config, "configs") if config else None,
+            find_recipe(ds, "ds_configs"),
             overrides,
             data,
             default_corpus,
@@ -559,7 +559,8 @@ def _train(
 
 
 def finetune_command(config: str | None, ds: str, overrides: list[str]) -> int:
-    if not load_config(find_recipe(config) if config else None, overrides).train.init_from:
+    cfg = load_config(find_recipe(config, "configs") if config else None, overrides)
+    if not cfg.train.init_from:
         raise ValueError(
             "finetune needs train.init_from=RUN_OR_CHECKPOINT (the model to start "
             "from: a pretraining run, a tag, or a `dsfm import` output)"

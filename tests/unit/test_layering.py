@@ -112,7 +112,9 @@ def test_model_holds_no_distributed_code():
 
 
 def test_nothing_inside_imports_the_cli():
-    assert not [m for m, p in MODULES.items() if "dsfm.cli" in dsfm_imports(p)]
+    # dsfm.launch.* are the launchers' entry points: outside, like the cli itself
+    inside = {m: p for m, p in MODULES.items() if not under(m, "dsfm.launch")}
+    assert not [m for m, p in inside.items() if "dsfm.cli" in dsfm_imports(p)]
 
 
 TORCH_FREE = [

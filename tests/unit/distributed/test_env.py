@@ -411,3 +411,25 @@ def test_dry_run_as_a_module():
     lines = task_lines(out)
     assert len(lines) == 16
     assert all("MASTER_ADDR=node01 MASTER_PORT=29500" in line for line in lines)
+
+
+def test_rendezvous_problems_name_the_port_and_the_fix(monkeypatch):
+    busy = (
+        "The server socket has failed to listen on any local network address. port: 29500, "
+        "useIpv6: false, code: -98, name: EADDRINUSE, message: address already in use"
+    )
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    line = dist.rendezvous_problem(busy)
+    assert "MASTER_PORT=29500 is already in use" in line and "--master_port" in line
+    assert "unset MASTER_PORT" not in line  # every rank must agree on a port: no guessing
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert "unset MASTER_PORT and dsfm picks a free one" in dist.rendezvous_problem(busy)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    line = dist.rendezvous_problem("Timed out after 31 seconds waiting for clients.\nmore")
+    assert line.startswith("rank 3 could not reach the master at 10.0.0.1:29500 (Timed out")
+    assert "\n" not in line and "MASTER_ADDR" in line
+    assert isinstance(dist.LaunchError("x"), ValueError)  # the CLI's one line, exit 2

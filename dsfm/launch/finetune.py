@@ -1,0 +1,12 @@
+"""Fine-tune (LoRA or full) under any launcher: the same code as `dsfm finetune`.
+
+    deepspeed --module dsfm.launch.finetune --ds zero2 --config sft_lora \
+        data.path=data/chat train.init_from=runs/d12
+"""
+
+import sys
+
+from dsfm.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["finetune", *sys.argv[1:]]))
