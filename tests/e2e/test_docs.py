@@ -4,8 +4,8 @@ Each ```bash block of a guide runs in order, in one scratch project directory pe
 (configs/, ds_configs/, launchers/ and slurm/ linked in), under `bash -euo pipefail`, with
 the installed `dsfm` and `deepspeed` on PATH. Blocks tagged ```bash ci=tiny are sized for
 GPUs or a cluster; they run here with the substitutions in `tiny()`: two CPU ranks instead
-of `--num_gpus N`, a tiny model and a few steps, and `sbatch` replaced by the script's own
-`--dry-run`. A block tagged ```bash ci=skip: REASON cannot run here (network, the whole
+of `--num_gpus N`, a tiny model (unless one comes from `train.init_from`) and a few steps,
+and `sbatch` replaced by the script's own `--dry-run`. A block tagged ```bash ci=skip: REASON cannot run here (network, the whole
 suite) and says why. The guides make their own inputs; README.md names the user's files
 (`input.txt`, `corpus/*.jsonl`, a hub model, ...), so `readme_inputs()` writes tiny real
 ones at those paths first. docs/README.md states the same rules for readers.
@@ -79,7 +79,10 @@ def tiny(line: str) -> str:
     if words[0] == "deepspeed":
         launcher = next(i for i, w in enumerate(words) if w.startswith("launchers/"))
         words = ["deepspeed", "--num_gpus", "2", *words[launcher:]]
-    return shlex.join([*words, *TINY_OVERRIDES])
+    overrides = TINY_OVERRIDES
+    if any(w.startswith("train.init_from=") for w in words):  # the model is the one it starts from
+        overrides = [o for o in overrides if not o.startswith("model.")]
+    return shlex.join([*words, *overrides])
 
 
 def scratch_project(tmp: Path) -> dict[str, str]:
@@ -130,7 +133,7 @@ def readme_inputs(tmp: Path) -> None:
         tmp / "train.bin"
     )
     (tmp / "my_zero3.json").write_text((ROOT / "ds_configs" / "zero3.json").read_text())
-    # a "hub model" with an instruct chat template, sized as TINY_OVERRIDES, at the hub id's path
+    # a tiny "hub model" with an instruct chat template, at the hub id's path
     hub = family_tokenizers.llama3(tmp / "HuggingFaceTB" / "SmolLM2-135M-Instruct")
     cfg = transformers.LlamaConfig(
         vocab_size=Tokenizer.load(hub).vocab_size,
@@ -138,7 +141,7 @@ def readme_inputs(tmp: Path) -> None:
         intermediate_size=96,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=64,
+        max_position_embeddings=256,  # room for README's chat system message and a reply
     )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(hub)
@@ -185,6 +188,8 @@ def test_tiny_rewrites_cluster_commands():
     assert line.startswith("deepspeed --num_gpus 2 launchers/pretrain.py --ds ds_configs/zero2")
     assert line.endswith("checkpoint.every=2")
     assert tiny("dsfm runs runs/") == "dsfm runs runs/"
+    line = tiny("dsfm finetune --config configs/sft_lora.yaml train.init_from=ckpt/smol")
+    assert "train.max_steps=4" in line and "model." not in line
 
 
 @pytest.mark.parametrize("doc", GUIDES, ids=lambda d: d.stem)
