@@ -5,10 +5,11 @@ Each ```bash block of a guide runs in order, in one scratch project directory pe
 the installed `dsfm` and `deepspeed` on PATH. Blocks tagged ```bash ci=tiny are sized for
 GPUs or a cluster; they run here with the substitutions in `tiny()`: two CPU ranks instead
 of `--num_gpus N`, a tiny model (unless one comes from `train.init_from`) and a few steps,
-and `sbatch` replaced by the script's own `--dry-run`. A block tagged ```bash ci=skip: REASON cannot run here (network, the whole
-suite) and says why. The guides make their own inputs; README.md names the user's files
-(`input.txt`, `corpus/*.jsonl`, a hub model, ...), so `readme_inputs()` writes tiny real
-ones at those paths first. docs/README.md states the same rules for readers.
+and `sbatch` replaced by the script's own `--dry-run`. A block tagged
+```bash ci=skip: REASON cannot run here (network, the whole suite) and says why. The guides
+make their own inputs; README.md names the user's files (`input.txt`, `corpus/*.jsonl`, a
+hub model, ...), so `readme_inputs()` writes tiny real ones at those paths first.
+docs/README.md states the same rules for readers.
 """
 
 from __future__ import annotations
