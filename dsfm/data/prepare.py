@@ -77,6 +77,7 @@ from dsfm.data.writers import (
     TextSplitAssigner,
 )
 from dsfm.hub import local_path, looks_like_hub_id
+from dsfm.progress import Tracker
 
 BYTE_TOKENIZER = "byte"
 
@@ -165,7 +166,7 @@ def prepare(
         )
     tok = resolve_tokenizer(tokenizer)
 
-    with staged_dir(out_dir, replace=force) as tmp_dir, make_progress(progress) as bar:
+    with staged_dir(out_dir, replace=force) as tmp_dir, Tracker(enabled=progress) as bar:
         if tok is None:
             tok = _train_tokenizer(sources, opts, vocab_size, bar)
         splits, source_records, cut = _write_splits(tmp_dir, sources, tok, opts, bar)
@@ -219,7 +220,7 @@ def prepare_chat(
     else:
         tok, template = add_chat_tokens(base), CHAT_TEMPLATE
 
-    with staged_dir(out_dir, replace=force) as tmp_dir, make_progress(progress) as bar:
+    with staged_dir(out_dir, replace=force) as tmp_dir, Tracker(enabled=progress) as bar:
         splits, source_records = _write_chat_splits(tmp_dir, sources, tok, val_fraction, seed, bar)
         meta = write_meta(
             tmp_dir,
@@ -284,25 +285,10 @@ def resolve_tokenizer(tokenizer: str | None) -> Tokenizer | None:
     return Tokenizer.load(path)
 
 
-def make_progress(enabled: bool):
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.fields[docs]:,} docs"),
-        TextColumn("{task.fields[mb]:,.1f} MB"),
-        TextColumn("{task.fields[tokens]:,} tokens"),
-        TimeElapsedColumn(),
-        disable=not enabled,
-    )
-
-
 class _Counts:
     """Counts for the progress bar, advanced as batches are written."""
 
-    def __init__(self, progress, task) -> None:
+    def __init__(self, progress: Tracker, task: int) -> None:
         self.progress, self.task = progress, task
         self.docs = self.bytes = self.tokens = 0
 
@@ -310,12 +296,11 @@ class _Counts:
         self.docs += docs
         self.bytes += batch_bytes
         self.tokens += tokens
-        self.progress.update(
-            self.task, advance=batch_bytes, docs=self.docs, mb=self.bytes / 1e6, tokens=self.tokens
-        )
+        detail = f"{self.docs:,} docs, {self.tokens:,} tokens"
+        self.progress.update(self.task, advance=batch_bytes, detail=detail)
 
     def finish(self) -> None:
-        self.progress.update(self.task, completed=self.bytes, total=self.bytes)
+        self.progress.finish(self.task)
 
 
 # ---------------------------------------------------------------------------------------
@@ -323,11 +308,9 @@ class _Counts:
 
 
 def _train_tokenizer(
-    sources: list[Source], opts: PrepareOptions, vocab_size: int, progress
+    sources: list[Source], opts: PrepareOptions, vocab_size: int, progress: Tracker
 ) -> Tokenizer:
-    task = progress.add_task(
-        "reading for BPE", total=input_bytes(sources, opts.max_bytes), docs=0, mb=0.0, tokens=0
-    )
+    task = progress.add_task("reading for BPE", input_bytes(sources, opts.max_bytes), "B")
     n_docs = n_bytes = 0
 
     def texts() -> Iterator[str]:
@@ -339,14 +322,14 @@ def _train_tokenizer(
             for doc, consumed, _ in docs:
                 n_docs += 1
                 n_bytes += consumed
-                progress.update(task, advance=consumed, docs=n_docs, mb=n_bytes / 1e6)
+                progress.update(task, advance=consumed, detail=f"{n_docs:,} docs")
                 yield doc
         progress.update(task, description=f"training BPE ({vocab_size} tokens)")
 
     tokenizer = train_bpe(texts(), vocab_size)
     if n_docs == 0:
         raise ValueError(f"empty corpus: inputs {[s.path for s in sources]} hold no text")
-    progress.update(task, description="trained BPE", completed=n_bytes, total=n_bytes)
+    progress.finish(task, description="trained BPE")
     return tokenizer
 
 
@@ -360,7 +343,11 @@ def line_end_ids(tokenizer: Tokenizer) -> np.ndarray:
 
 
 def _write_splits(
-    out_dir: Path, sources: list[Source], tokenizer: Tokenizer, opts: PrepareOptions, progress
+    out_dir: Path,
+    sources: list[Source],
+    tokenizer: Tokenizer,
+    opts: PrepareOptions,
+    progress: Tracker,
 ) -> tuple[dict, list[dict], int]:
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {
@@ -369,9 +356,7 @@ def _write_splits(
     assigner = TextSplitAssigner(
         writers, opts.val_fraction, opts.seed, line_end_ids(tokenizer), tokenizer.eot_id
     )
-    task = progress.add_task(
-        "tokenizing", total=input_bytes(sources, opts.max_bytes), docs=0, mb=0.0, tokens=0
-    )
+    task = progress.add_task("tokenizing", input_bytes(sources, opts.max_bytes), "B")
     encoder = BatchEncoder(tokenizer, dtype, opts.workers)
     try:
         source_records = _tokenize_sources(
@@ -505,14 +490,12 @@ def _write_chat_splits(
     tokenizer: Tokenizer,
     val_fraction: float,
     seed: int,
-    progress,
+    progress: Tracker,
 ) -> tuple[dict, list[dict]]:
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {split: MaskedSplitWriter(out_dir, split, dtype) for split in SPLITS}
     assigner = SplitAssigner(writers, val_fraction, seed)
-    task = progress.add_task(
-        "rendering", total=input_bytes(sources, None), docs=0, mb=0.0, tokens=0
-    )
+    task = progress.add_task("rendering", input_bytes(sources, None), "B")
     counts = _Counts(progress, task)
     source_records = []
     batch: list[list[dict]] = []

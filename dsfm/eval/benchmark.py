@@ -27,6 +27,7 @@ from rich.table import Table
 
 from dsfm.interop.weights import load_model
 from dsfm.observe.rundir import eval_dir
+from dsfm.progress import Tracker
 from dsfm.train import checkpoint
 
 INSTALL = "pip install 'dsfm[eval]'"
@@ -144,8 +145,9 @@ def benchmark_command(
     names = parse_tasks(tasks, manager)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # our table is the report
 
-    model, tokenizer = load_model(ckpt_dir / tag, dtype=dtype)
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with Tracker() as progress, progress.phase(f"loading {ckpt_dir / tag}"):
+        model, tokenizer = load_model(ckpt_dir / tag, dtype=dtype)
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     results = run_benchmarks(
         model,
         tokenizer,
@@ -154,7 +156,6 @@ def benchmark_command(
         limit=limit,
         num_fewshot=num_fewshot,
         batch_size=batch_size,
-        progress=not as_json,
     )
     saved = {k: results[k] for k in SAVED_KEYS if k in results}
     saved["checkpoint"] = str(ckpt_dir / tag)

@@ -28,11 +28,11 @@ from typing import Any
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from rich.progress import Progress
 
 from dsfm.data.tokenizer import Tokenizer
 from dsfm.eval.generate import stream, stream_text
 from dsfm.model.gpt import GPT
+from dsfm.progress import Tracker
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm_eval's default for generation tasks
 
@@ -92,8 +92,8 @@ class DsfmLM(TemplateLM):
             rows.append((context + continuation)[-(self.max_length + 1) :][:-1])
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-        with Progress(transient=True, disable=not self.progress or disable_tqdm) as bar:
-            task = bar.add_task("scoring", total=len(rows))
+        with Tracker(enabled=self.progress and not disable_tqdm, transient=True) as bar:
+            task = bar.add_task("scoring", len(rows), "requests")
             for start in range(0, len(order), self.batch_size):
                 batch = order[start : start + self.batch_size]
                 width = len(rows[batch[0]])
@@ -109,7 +109,7 @@ class DsfmLM(TemplateLM):
                     picked = scores.gather(-1, target[:, None])[:, 0]  # (n_cont,)
                     greedy = bool((scores.argmax(-1) == target).all())
                     results[i] = (float(picked.sum()), greedy)
-                bar.advance(task, len(batch))
+                bar.update(task, advance=len(batch))
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -137,33 +137,39 @@ class DsfmLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out = []
-        for request in requests:
-            context, kwargs = request.args
-            kwargs = dict(kwargs)
-            until = kwargs.pop("until", None) or [self.tok.decode([self.eot_token_id])]
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
-            temperature = float(kwargs.pop("temperature", 0.0))
-            if not kwargs.pop("do_sample", temperature > 0):
-                temperature = 0.0
-            keep = max(1, self.max_length - max_new)  # room for the answer, as HFLM leaves
-            ids = (self.tok_encode(context) or [self.prefix_token_id])[-keep:]
-            tokens = stream(
-                self.model,
-                ids,
-                max_new_tokens=max_new,
-                temperature=temperature,
-                top_k=kwargs.pop("top_k", None),
-                top_p=kwargs.pop("top_p", None),
-                seed=0,
-                eot_id=self.eot_token_id,
-            )
-            text = ""
-            for piece in stream_text(self.tok, tokens):
-                text += piece
-                if any(stop in text for stop in until):
-                    break
-            for stop in until:
-                text = text.split(stop)[0]
-            out.append(text)
+        with Tracker(enabled=self.progress and not disable_tqdm, transient=True) as bar:
+            task = bar.add_task("generating", len(requests), "requests")
+            for request in requests:
+                out.append(self._generate_one(request))
+                bar.update(task, advance=1)
         return out
+
+    def _generate_one(self, request) -> str:
+        context, kwargs = request.args
+        kwargs = dict(kwargs)
+        until = kwargs.pop("until", None) or [self.tok.decode([self.eot_token_id])]
+        until = [until] if isinstance(until, str) else list(until)
+        max_new = int(kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+        temperature = float(kwargs.pop("temperature", 0.0))
+        if not kwargs.pop("do_sample", temperature > 0):
+            temperature = 0.0
+        keep = max(1, self.max_length - max_new)  # room for the answer, as HFLM leaves
+        ids = (self.tok_encode(context) or [self.prefix_token_id])[-keep:]
+        tokens = stream(
+            self.model,
+            ids,
+            max_new_tokens=max_new,
+            temperature=temperature,
+            top_k=kwargs.pop("top_k", None),
+            top_p=kwargs.pop("top_p", None),
+            seed=0,
+            eot_id=self.eot_token_id,
+        )
+        text = ""
+        for piece in stream_text(self.tok, tokens):
+            text += piece
+            if any(stop in text for stop in until):
+                break
+        for stop in until:
+            text = text.split(stop)[0]
+        return text

@@ -41,6 +41,7 @@ from dsfm.data.tokenizer import TOKENIZER_FILE, Tokenizer, tokenizer_file
 from dsfm.distributed.collectives import all_reduce_sum, rank_and_world
 from dsfm.interop.weights import load_model
 from dsfm.model.gpt import IGNORE_INDEX
+from dsfm.progress import Tracker
 from dsfm.train import checkpoint
 
 LN2 = math.log(2.0)
@@ -68,12 +69,14 @@ def loss_totals(
     device: torch.device,
     byte_lengths: np.ndarray | None = None,
     doc_mask: bool = False,
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[float, int, int]:
     """(nats, target tokens, target bytes) summed over `indices` and all-reduced across ranks.
 
     `forward(inputs, labels=labels, positions=positions)` returns the mean loss over labels
     != -100; positions are per document with `doc_mask`, else None. Bytes are 0 unless
-    `byte_lengths` (bytes per token id, see `token_byte_lengths`) is given.
+    `byte_lengths` (bytes per token id, see `token_byte_lengths`) is given. `on_batch(n)` is
+    called after each batch of n samples (progress).
     """
     total = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
     lengths = torch.from_numpy(byte_lengths) if byte_lengths is not None else None
@@ -88,6 +91,8 @@ def loss_totals(
         total[0] += loss.detach().double() * n_tokens
         total[1] += n_tokens
         total[2] += n_bytes
+        if on_batch is not None:
+            on_batch(len(inputs))
     nats, tokens, n_bytes = all_reduce_sum(total).tolist()
     return nats, int(tokens), int(n_bytes)
 
@@ -254,21 +259,26 @@ def evaluate_checkpoint(
     dataset = TokenDataset(data_dir, split, seq_len)
     # Checked before the weights are read: consolidating a large ZeRO checkpoint takes time.
     _check_data_fits(Tokenizer.load(ckpt_dir / tag), config["model"]["vocab_size"], dataset)
-    model, tokenizer = load_model(ckpt_dir / tag, dtype=dtype)
-    device = torch.device(device) if device is not None else _default_device()
-    model.to(device)
-
-    n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     rank, world = rank_and_world()
-    nats, tokens, n_bytes = loss_totals(
-        model,
-        dataset,
-        shard_indices(n, rank, world),
-        batch_size,
-        device,
-        byte_lengths=token_byte_lengths(tokenizer),
-        doc_mask=bool(model.cfg.doc_mask),  # as the checkpoint was trained
-    )
+    with Tracker(enabled=rank == 0) as progress:
+        with progress.phase(f"loading {ckpt_dir / tag}"):
+            model, tokenizer = load_model(ckpt_dir / tag, dtype=dtype)
+            device = torch.device(device) if device is not None else _default_device()
+            model.to(device)
+
+        n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+        indices = shard_indices(n, rank, world)
+        task = progress.add_task(f"scoring {split}", len(indices), "samples")
+        nats, tokens, n_bytes = loss_totals(
+            model,
+            dataset,
+            indices,
+            batch_size,
+            device,
+            byte_lengths=token_byte_lengths(tokenizer),
+            doc_mask=bool(model.cfg.doc_mask),  # as the checkpoint was trained
+            on_batch=lambda k: progress.update(task, advance=k),
+        )
     loss = nats / tokens if tokens else float("nan")
     return {
         "loss": loss,

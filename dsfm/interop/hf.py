@@ -76,6 +76,7 @@ from dsfm.interop.weights import (
 )
 from dsfm.model.config import ROPE_SCALINGS, ModelConfig
 from dsfm.model.lora import LORA_PARAMS
+from dsfm.progress import Tracker
 from dsfm.train import checkpoint
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -254,8 +255,6 @@ def export_hf(
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     out = Path(out_dir)
     refuse_existing(out)  # before the (possibly long) weight consolidation
-    from safetensors.torch import save_file
-
     ckpt_dir, tag = checkpoint.resolve(checkpoint_path)
     where = str(ckpt_dir / tag)
     state = checkpoint.client_state(ckpt_dir, tag)
@@ -266,8 +265,25 @@ def export_hf(
             f"{where}: tokenizer has {tokenizer.vocab_size} ids but the model's "
             f"vocab_size is {cfg.vocab_size}"
         )
-    weights = load_weights(ckpt_dir, tag, state)
-    check_weights(weights, cfg, where)
+    with Tracker() as progress:
+        with progress.phase(f"reading {where}"):
+            weights = load_weights(ckpt_dir, tag, state)
+        check_weights(weights, cfg, where)
+        _write_hf(out, weights, cfg, tokenizer, ckpt_dir / tag, dtype, max_shard_bytes, progress)
+    return out
+
+
+def _write_hf(
+    out: Path,
+    weights: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    tokenizer: Tokenizer,
+    tag_dir: Path,
+    dtype: str,
+    max_shard_bytes: int,
+    progress: Tracker,
+) -> None:
+    from safetensors.torch import save_file
 
     torch_dtype = DTYPES[dtype]
     names = [k for k in expected_shapes(cfg) if not (cfg.tie_embeddings and k == "lm_head.weight")]
@@ -278,6 +294,7 @@ def export_hf(
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
+    task = progress.add_task(f"writing {out} ({dtype})", sum(sizes.values()), "B")
     with staged_dir(out) as tmp:
         for file, shard in zip(files, shards):
             # copy=True: fresh contiguous storage, so no two entries share memory
@@ -287,6 +304,7 @@ def export_hf(
             }
             save_file(tensors, str(tmp / file), metadata={"format": "pt"})
             del tensors
+            progress.update(task, advance=sum(sizes[k] for k in shard), detail=file)
         if len(shards) > 1:
             index = {
                 "metadata": {"total_size": sum(sizes.values())},
@@ -296,14 +314,13 @@ def export_hf(
         special_ids = _special_ids(tokenizer)
         _write_json(tmp / HF_CONFIG, {**hf_config(cfg, tokenizer.eot_id, dtype), **special_ids})
         _write_json(tmp / GENERATION_CONFIG, special_ids)
-        copy_tokenizer(ckpt_dir / tag, tmp)
+        copy_tokenizer(tag_dir, tmp)
         for name, obj in _tokenizer_files(tokenizer, cfg.max_seq_len).items():
             _write_json(tmp / name, obj)
         # safetensors writes its files owner-only; give them the umask-derived mode the
         # JSON files got, so a shared export directory is readable like any other.
         for file in files:
             shutil.copymode(tmp / HF_CONFIG, tmp / file)
-    return out
 
 
 def _hf_name(name: str) -> str:
@@ -332,7 +349,8 @@ def export_adapter(
             f"{where} has no LoRA adapters (lora.rank is 0); export it without --adapter"
         )
     grown = config.model.vocab_size > _base_vocab_size(config, where)
-    weights = load_unmerged(ckpt_dir, tag, state)
+    with Tracker() as progress, progress.phase(f"reading {where}"):
+        weights = load_unmerged(ckpt_dir, tag, state)
     names = [k for k in weights if k.endswith(LORA_PARAMS)]
     if not names:
         raise ValueError(f"{where} holds no lora_A/lora_B tensors; export it without --adapter")
@@ -565,7 +583,9 @@ def import_hf(name: str | Path, out_dir: str | Path) -> Path:
             f"{tok_file} has {n_ids} ids but the model's vocab_size is {m['vocab_size']}"
         )
 
-    weights = _strip_prefix(_read_hf_weights(src), m["tie_embeddings"])
+    progress = Tracker()
+    with progress, progress.phase(f"reading {src}"):
+        weights = _strip_prefix(_read_hf_weights(src), m["tie_embeddings"])
     if n_ids > m["vocab_size"]:  # the added EOT has no row yet
         _grow_vocab(weights, n_ids)
         m["vocab_size"] = n_ids
@@ -578,14 +598,15 @@ def import_hf(name: str | Path, out_dir: str | Path) -> Path:
             f"max_position_embeddings={hf['max_position_embeddings']}: dsfm attends to the "
             "whole context, which equals windowed attention up to the window"
         ]
-    if not added_eot:
-        Tokenizer.load(tok_file)  # fail here, not at first use, if dsfm cannot read it
-        return save_plain(out, weights, state, tok_file)  # byte-identical copy
-    state["added_tokens"] = [EOT]
-    with tempfile.TemporaryDirectory() as tmp:
-        tok_path = Tokenizer(hf_tok, tok_config).save(tmp)
-        Tokenizer.load(tok_path)
-        return save_plain(out, weights, state, tok_path)
+    with progress, progress.phase(f"writing {out}"):
+        if not added_eot:
+            Tokenizer.load(tok_file)  # fail here, not at first use, if dsfm cannot read it
+            return save_plain(out, weights, state, tok_file)  # byte-identical copy
+        state["added_tokens"] = [EOT]
+        with tempfile.TemporaryDirectory() as tmp:
+            tok_path = Tokenizer(hf_tok, tok_config).save(tmp)
+            Tokenizer.load(tok_path)
+            return save_plain(out, weights, state, tok_path)
 
 
 def export_command(checkpoint_path: str, out: str, dtype: str, adapter: bool = False) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dsfm.atomic import refuse_existing
 from dsfm.interop.weights import load_weights, save_plain
+from dsfm.progress import Tracker
 from dsfm.train import checkpoint
 
 
@@ -18,11 +19,14 @@ def merge(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
     refuse_existing(Path(out_dir))  # before the (possibly long) weight consolidation
     ckpt_dir, tag = checkpoint.resolve(checkpoint_path)
     state = checkpoint.client_state(ckpt_dir, tag)
-    weights = load_weights(ckpt_dir, tag, state)  # LoRA folded in
-    config = state["config"]
-    config["lora"] = {**config["lora"], "rank": 0}
-    plain = {"config": config, "step": state["step"], "merged_from": str(ckpt_dir / tag)}
-    return save_plain(out_dir, weights, plain, ckpt_dir / tag)
+    with Tracker() as progress:
+        with progress.phase(f"reading {ckpt_dir / tag} (LoRA folded in)"):
+            weights = load_weights(ckpt_dir, tag, state)  # reads the run's lora section
+        config = state["config"]
+        config["lora"] = {**config["lora"], "rank": 0}
+        plain = {"config": config, "step": state["step"], "merged_from": str(ckpt_dir / tag)}
+        with progress.phase(f"writing {out_dir}"):
+            return save_plain(out_dir, weights, plain, ckpt_dir / tag)
 
 
 def merge_command(checkpoint_path: str, out: str) -> int:

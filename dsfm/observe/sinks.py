@@ -32,24 +32,18 @@ import csv
 import json
 import math
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from dsfm.config.schema import LOG_SINKS, LogConfig
 from dsfm.observe import rundir
 from dsfm.observe.rundir import METRICS_CSV, TENSORBOARD
+from dsfm.progress import Tracker, duration, eta_s
 
 EVAL_COLUMNS = ("val_loss", "val_ppl")
 
@@ -77,7 +71,7 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def status_line(row: dict[str, Any], max_steps: int) -> str:
+def status_line(row: dict[str, Any], max_steps: int, eta_s: float | None = None) -> str:
     parts = [
         f"step {row['step']}/{max_steps}",
         f"loss {row['loss']:.4f}" + (f" (ppl {row['ppl']:.1f})" if "ppl" in row else ""),
@@ -91,41 +85,34 @@ def status_line(row: dict[str, Any], max_steps: int) -> str:
         parts.append(f"mem {row['mem_gb']:.1f} GiB")
     if "val_loss" in row:
         parts.append(f"val loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.1f})")
+    if row["step"] < max_steps:
+        parts.append(f"eta {duration(eta_s)}")
     return " | ".join(parts)
 
 
 class ConsoleSink:
-    """The rich progress bar (ETA, tokens/s; drawn only on a terminal) and a status line
-    every `log_every` steps and at the last step."""
+    """The progress bar (drawn only on a terminal) and a status line every `log_every` steps
+    and at the last step; off a terminal the status lines are the progress, so they carry
+    the ETA too: this invocation's mean time per step times the steps left (evals and
+    saves included, as they will recur)."""
 
     def __init__(self, console: Console, total_steps: int, start_step: int, log_every: int):
         self.console, self.total_steps, self.log_every = console, total_steps, log_every
-        self.progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-            disable=not console.is_terminal,
-        )
-        self.task = self.progress.add_task(
-            "train", total=total_steps, completed=start_step, status=""
-        )
+        self.start_step, self.start = start_step, time.monotonic()
+        self.progress = Tracker(console=console, plain=False)
         self.progress.start()
+        self.task = self.progress.add_task("train", total_steps, "steps")
+        self.progress.update(self.task, completed=start_step)
 
     def log(self, row: dict[str, Any]) -> None:
         step = row["step"]
-        self.progress.update(
-            self.task,
-            completed=step,
-            status=f"loss {row['loss']:.3f} lr {row['lr']:.2e} {row['tok_per_s'] / 1e3:.1f}k tok/s",
-        )
+        detail = f"loss {row['loss']:.3f} lr {row['lr']:.2e} {row['tok_per_s'] / 1e3:.1f}k tok/s"
+        self.progress.update(self.task, completed=step, detail=detail)
         if self.log_every and (step % self.log_every == 0 or step == self.total_steps):
-            self.console.print(status_line(row, self.total_steps), markup=False, soft_wrap=True)
+            elapsed = time.monotonic() - self.start
+            eta = eta_s(step - self.start_step, self.total_steps - self.start_step, elapsed)
+            line = status_line(row, self.total_steps, eta)
+            self.console.print(line, markup=False, soft_wrap=True)
 
     def close(self) -> None:
         self.progress.stop()

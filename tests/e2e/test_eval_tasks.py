@@ -45,6 +45,8 @@ def test_benchmark_table_and_results_beside_the_run(chat_run, tasks_dir):
     proc = dsfm_eval(*args, "--limit", "4", "--batch-size", "3")
     assert proc.returncode == 0, proc.stderr
     assert "say_word" in proc.stdout and "acc" in proc.stdout
+    scoring = [line for line in proc.stderr.splitlines() if line.startswith("scoring:")]
+    assert scoring and "100% 8/8 requests" in scoring[-1] and "| eta" in scoring[-1], proc.stderr
     saved = chat_run / "eval" / "final_say_word.json"
     assert f"saved {saved}" in " ".join(proc.stdout.split())
     result = json.loads(saved.read_text())

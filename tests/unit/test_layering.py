@@ -68,20 +68,27 @@ def test_no_import_cycles():
 # package -> the dsfm modules it may import besides its own
 ALLOWED = {
     "dsfm.model": [],
-    "dsfm.data": ["dsfm.atomic", "dsfm.hub"],
+    "dsfm.data": ["dsfm.atomic", "dsfm.hub", "dsfm.progress"],
     "dsfm.distributed": [],
     "dsfm.testing": [],
     # the formats a config names (datasets, checkpoints), read in the resolve step
     "dsfm.config": ["dsfm.model.config", "dsfm.data.format", "dsfm.data.tokenizer"]
     + ["dsfm.train.checkpoint"],
-    "dsfm.observe": ["dsfm.config.schema", "dsfm.config.deepspeed", "dsfm.gpus"]
+    "dsfm.observe": ["dsfm.config.schema", "dsfm.config.deepspeed", "dsfm.gpus", "dsfm.progress"]
     + ["dsfm.model.config", "dsfm.model.sizes", "dsfm.train.checkpoint"],
     # training's outputs are read through their formats, and ZeRO weights through the engine;
     # benchmark results are saved in the run directory
-    "dsfm.eval": ["dsfm.data", "dsfm.model", "dsfm.distributed", "dsfm.interop"]
+    "dsfm.eval": ["dsfm.data", "dsfm.model", "dsfm.distributed", "dsfm.interop", "dsfm.progress"]
     + ["dsfm.train.checkpoint", "dsfm.observe.rundir"],
     # export writes the tokenizer's chat template (dsfm's, as Jinja) beside the tokenizer
-    "dsfm.interop": ["dsfm.atomic", "dsfm.hub", "dsfm.config", "dsfm.data.tokenizer", "dsfm.model"]
+    "dsfm.interop": [
+        "dsfm.atomic",
+        "dsfm.hub",
+        "dsfm.progress",
+        "dsfm.config",
+        "dsfm.data.tokenizer",
+    ]
+    + ["dsfm.model"]
     + ["dsfm.data.chat", "dsfm.train.checkpoint", "dsfm.train.engine"],
 }
 
