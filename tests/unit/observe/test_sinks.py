@@ -134,4 +134,4 @@ def test_status_line_shows_gpu_memory_only_when_logged():
     from dsfm.observe.sinks import status_line
 
     assert "mem" not in status_line(ROW, 10)
-    assert status_line({**ROW, "mem_gb": 10.54}, 10).endswith(" | mem 10.5 GiB")
+    assert " | mem 10.5 GiB | " in status_line({**ROW, "mem_gb": 10.54}, 10)
