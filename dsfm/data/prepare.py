@@ -165,6 +165,8 @@ def prepare(
             f"ids (or `{BYTE_TOKENIZER}`); their ids are used as they are, not re-tokenized"
         )
     tok = resolve_tokenizer(tokenizer)
+    for path in arrays:  # an unreadable or ambiguous array is refused before progress starts
+        open_token_array(path, opts.dtype, tok.vocab_size)
 
     with staged_dir(out_dir, replace=force) as tmp_dir, Tracker(enabled=progress) as bar:
         if tok is None:
