@@ -233,3 +233,13 @@ def test_cli_only_maps_verbs_to_functions():
             inspect.signature(getattr(importlib.import_module(module), function)).parameters
         )
         assert args == params, (verb, args ^ params)
+
+
+def test_test_files_have_unique_names():
+    # The tests are not packages (no __init__.py), so pytest imports each file by its base
+    # name: two test_x.py in different folders break collection of the whole suite, which a
+    # run of one folder never shows.
+    seen: dict[str, Path] = {}
+    for path in sorted((PKG.parent / "tests").rglob("test_*.py")):
+        assert path.name not in seen, f"{path} and {seen[path.name]}: rename one"
+        seen[path.name] = path
