@@ -7,6 +7,8 @@ current CUDA device when there is one (NCCL needs GPU tensors), else on the CPU 
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.distributed as torch_dist
 
@@ -50,3 +52,18 @@ def mean_and_any(value: torch.Tensor, flag: bool) -> tuple[torch.Tensor, torch.T
     )
     all_reduce_sum(x)
     return x[0] / rank_and_world()[1], x[1] > 0
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """The cause in one line when `error` is a collective failing because another rank is
+    gone (killed, its node down), else None. NCCL raises `DistError`s; gloo a plain
+    `RuntimeError` from its TCP transport ("Connection reset by peer", "Connection closed by
+    peer", a timed-out recv), whose text we cut to the part that names the peer."""
+    text = str(error)
+    if not initialized() or not (
+        isinstance(error, torch_dist.DistError)
+        or (isinstance(error, RuntimeError) and "gloo/transport" in text)
+    ):
+        return None
+    text = re.sub(r"^\[[^\]]*\] ", "", text.strip().splitlines()[0])  # [.../pair.cc:537]
+    return text.split(". This is typically")[0]

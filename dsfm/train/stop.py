@@ -89,3 +89,17 @@ class Watchdog:
                     flush=True,
                 )
                 os._exit(EXIT_HUNG)
+
+
+class PeerLost(RuntimeError):
+    """A collective failed because another rank is gone (its process killed, its node down):
+    one message naming this rank, the phase and the step, and where to resume, instead of
+    the backend's traceback. The rank exits 1 and its launcher ends the ranks beside it."""
+
+    def __init__(self, rank: int, phase: str, step: int, cause: str, resume: str | None) -> None:
+        where = f"from {resume}" if resume else "from the start (no checkpoint yet)"
+        super().__init__(
+            f"rank {rank}: a collective failed in {phase} after step {step}: a peer rank is "
+            f"gone (killed, or its node down) [{cause}]. Restart every node with the same "
+            f"train.out_dir to resume {where}."
+        )

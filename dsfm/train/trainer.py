@@ -44,7 +44,7 @@ from dsfm.data.dataset import doc_positions
 from dsfm.data.format import fingerprint
 from dsfm.data.sampler import Sampler
 from dsfm.data.tokenizer import Tokenizer, copy_tokenizer, tokenizer_file
-from dsfm.distributed.collectives import barrier, mean_and_any
+from dsfm.distributed.collectives import barrier, lost_peer, mean_and_any
 from dsfm.distributed.env import describe, ensure_env, is_rank0, print0, rank, world_size
 from dsfm.doctor import preflight
 from dsfm.eval.loss import perplexity
@@ -60,7 +60,7 @@ from dsfm.train.checkpoint import CheckpointError
 from dsfm.train.checkpointer import Checkpointer
 from dsfm.train.guard import LossGuard
 from dsfm.train.schedule import lr_at
-from dsfm.train.stop import EXIT_REQUEUE, StopSignal, Watchdog
+from dsfm.train.stop import EXIT_REQUEUE, PeerLost, StopSignal, Watchdog
 from dsfm.train.validation import Validator
 
 
@@ -189,6 +189,12 @@ class Trainer:
                 if not last and self.checkpointer.due(step, end):
                     self._save(checkpoint.step_tag(step))
             self._finish(log, trained=bool(last_row))
+        except Exception as e:  # a dead peer: one line naming rank and phase, not gloo's trace
+            if (cause := lost_peer(e)) is None:
+                raise
+            tag = checkpoint.resumable_tag(self.ckpt_dir, warn=False)
+            w = self.watchdog
+            raise PeerLost(self.rank, w.phase, w.step, cause, tag) from None
         finally:
             self.watchdog.stop()
             stop.restore()
@@ -552,7 +558,8 @@ def _train(
             data,
             default_corpus,
         )
-    except CheckpointError as e:  # e.g. disk full: the message says what is intact and what to do
+    # e.g. disk full, a node lost: the message says what is intact and what to do
+    except (CheckpointError, PeerLost) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     return EXIT_REQUEUE if summary.get("preempted") else 0
