@@ -1,4 +1,4 @@
-"""`dsfm <verb>`: prepare, data, train, finetune, generate, chat, eval, merge, export, import,
+"""`dsfm <verb>`: prepare, data, ckpt, train, finetune, generate, chat, eval, merge, export, import,
 config, runs, plot, plan, doctor.
 
 The command line and nothing else: each verb is a function in the module that owns its
