@@ -1,4 +1,4 @@
-"""`dsfm <verb>`: prepare, data, train, finetune, generate, chat, eval, merge, export, import,
+"""`dsfm <verb>`: prepare, data, ckpt, train, finetune, generate, chat, eval, merge, export, import,
 config, runs, plot, plan, doctor.
 
 The command line and nothing else: each verb is a function in the module that owns its
@@ -17,6 +17,7 @@ VERBS = {
     "prepare": ("dsfm.data.prepare", "prepare_command"),
     "data stats": ("dsfm.data.stats", "stats_command"),
     "data verify": ("dsfm.data.stats", "verify_command"),
+    "ckpt verify": ("dsfm.train.checkpoint", "verify_command"),
     "train": ("dsfm.train.trainer", "train_command"),
     "finetune": ("dsfm.train.trainer", "finetune_command"),
     "merge": ("dsfm.interop.merge", "merge_command"),
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     verb = args.pop("verb")
     module, function = VERBS[args.pop("command")]
-    for launcher_only in ("data_verb", "local_rank"):
+    for launcher_only in ("data_verb", "ckpt_verb", "local_rank"):
         args.pop(launcher_only, None)
     try:
         return getattr(importlib.import_module(module), function)(**args)
@@ -144,7 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("data_dir", metavar="dir", help="prepared dataset directory")
 
-    p = _verb(sub, "train", "pretrain in this process (same code as the launcher)")
+    p = sub.add_parser(
+        "ckpt",
+        help="check a run's checkpoint tags (verify)",
+        description="check a run's checkpoint tags (verify)",
+    )
+    ckpt_sub = p.add_subparsers(dest="ckpt_verb", required=True, metavar="verify")
+    q = _verb(
+        ckpt_sub,
+        "verify",
+        "every tag's files against its manifest (sizes, sha256); exit 1 if any is damaged",
+        "ckpt verify",
+    )
+    q.add_argument("run", help="run directory (or its checkpoints/ directory)")
+
+    p = _verb(sub, "train", "pretrain in this process (same code as the launcher)", trust=True)
     add_train_args(p)
     p.add_argument(
         "--data",
@@ -153,16 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
         "first and reuse after: a file, directory, glob or JSONL (default, with no data.path: "
         "the embedded corpus, prepared once into $DSFM_CACHE or ~/.cache/dsfm)",
     )
-    p = _verb(sub, "finetune", "fine-tune from train.init_from (LoRA or full)")
+    p = _verb(sub, "finetune", "fine-tune from train.init_from (LoRA or full)", trust=True)
     add_train_args(p, config="sft_lora")
 
-    p = _verb(sub, "merge", "fold LoRA adapters into a plain checkpoint")
+    p = _verb(sub, "merge", "fold LoRA adapters into a plain checkpoint", trust=True)
     p.add_argument(
         "checkpoint_path", metavar="checkpoint", help="run dir, checkpoints dir or tag dir"
     )
     p.add_argument("--out", required=True, help="output directory (must not exist)")
 
-    p = _verb(sub, "export", "write a Hugging Face model directory (or a PEFT adapter)")
+    p = _verb(sub, "export", "write a Hugging Face model directory (or a PEFT adapter)", trust=True)
     p.add_argument(
         "checkpoint_path",
         metavar="checkpoint",
@@ -186,7 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output plain checkpoint directory")
 
     p = _verb(
-        sub, "eval", "loss/perplexity/bits per byte on a split (--data), or benchmarks (--tasks)"
+        sub,
+        "eval",
+        "loss/perplexity/bits per byte on a split (--data), or benchmarks (--tasks)",
+        trust=True,
     )
     p.add_argument(
         "checkpoint_path",
@@ -222,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cuda if present)")
     p.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
 
-    p = _verb(sub, "generate", "sample text from a checkpoint")
+    p = _verb(sub, "generate", "sample text from a checkpoint", trust=True)
     p.add_argument(
         "checkpoint_path", metavar="checkpoint", help="run dir, its checkpoints/ dir, or a tag dir"
     )
@@ -243,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--system", default=None, help="with --chat: a system message first")
 
-    p = _verb(sub, "chat", "talk to a chat model in the terminal (/reset, /exit, Ctrl-D)")
+    p = _verb(
+        sub, "chat", "talk to a chat model in the terminal (/reset, /exit, Ctrl-D)", trust=True
+    )
     p.add_argument(
         "checkpoint_path", metavar="checkpoint", help="run dir, its checkpoints/ dir, or a tag dir"
     )
@@ -381,9 +401,19 @@ def add_train_args(p: argparse.ArgumentParser, config: str | None = None) -> Non
     )
 
 
-def _verb(sub, name: str, help: str, command: str | None = None) -> argparse.ArgumentParser:
+def _verb(
+    sub, name: str, help: str, command: str | None = None, trust: bool = False
+) -> argparse.ArgumentParser:
+    """A verb's parser; `trust`: it loads checkpoints, so it takes --trust-checkpoint."""
     p = sub.add_parser(name, help=help, description=help, formatter_class=_Help)
     p.set_defaults(command=command or name)
+    if trust:
+        p.add_argument(
+            "--trust-checkpoint",
+            action="store_true",
+            help="load checkpoint files that hold pickled objects besides tensors (refused "
+            "otherwise: unpickling them can run code); only for checkpoints you trust",
+        )
     return p
 
 

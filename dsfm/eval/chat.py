@@ -69,7 +69,9 @@ def chat_command(
     top_p: float | None,
     seed: int,
     dtype: str,
+    trust_checkpoint: bool = False,
 ) -> int:
+    checkpoint.trust_pickles(trust_checkpoint)
     ckpt_dir, tag = checkpoint.resolve(checkpoint_path)
     tokenizer = Tokenizer.load(ckpt_dir / tag)
     end_id = end_of_turn_id(tokenizer)

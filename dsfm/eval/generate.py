@@ -26,6 +26,7 @@ from dsfm.data.chat import render_prompt
 from dsfm.data.tokenizer import Tokenizer
 from dsfm.interop.weights import load_model
 from dsfm.model.gpt import GPT
+from dsfm.train.checkpoint import trust_pickles
 
 
 def check_args(
@@ -199,7 +200,9 @@ def generate_command(
     no_cache: bool,
     chat: bool,
     system: str | None,
+    trust_checkpoint: bool = False,
 ) -> int:
+    trust_pickles(trust_checkpoint)
     if system is not None and not chat:
         raise ValueError("--system is a chat model's system message; add --chat")
     model, tokenizer = load_model(checkpoint_path, dtype=dtype)

@@ -307,8 +307,10 @@ def eval_command(
     dtype: str,
     device: str | None,
     as_json: bool,
+    trust_checkpoint: bool = False,
 ) -> int:
     """`dsfm eval`: loss, perplexity and bits per byte on `data`, or benchmarks on `tasks`."""
+    checkpoint.trust_pickles(trust_checkpoint)
     if (data is None) == (tasks is None):
         raise ValueError(
             "give --data DIR (loss, perplexity, bits per byte on a prepared split) or "

@@ -609,7 +609,14 @@ def import_hf(name: str | Path, out_dir: str | Path) -> Path:
             return save_plain(out, weights, state, tok_path)
 
 
-def export_command(checkpoint_path: str, out: str, dtype: str, adapter: bool = False) -> int:
+def export_command(
+    checkpoint_path: str,
+    out: str,
+    dtype: str,
+    adapter: bool = False,
+    trust_checkpoint: bool = False,
+) -> int:
+    checkpoint.trust_pickles(trust_checkpoint)
     if adapter:
         path = export_adapter(checkpoint_path, out, dtype=dtype)
         print(f"wrote PEFT LoRA adapter {path}: load it onto the exported base model")

@@ -29,7 +29,8 @@ def merge(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
             return save_plain(out_dir, weights, plain, ckpt_dir / tag)
 
 
-def merge_command(checkpoint_path: str, out: str) -> int:
+def merge_command(checkpoint_path: str, out: str, trust_checkpoint: bool = False) -> int:
+    checkpoint.trust_pickles(trust_checkpoint)
     path = merge(checkpoint_path, out)
     print(f"wrote {path} (plain checkpoint, LoRA merged) from {checkpoint_path}")
     return 0

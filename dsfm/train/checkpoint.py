@@ -7,7 +7,7 @@
         dsfm_state.json      client state: step, consumed samples, counters, resolved configs
         rng_rank{R}.pt       each rank's RNG states
         tokenizer.json       the tokenizer, so a tag describes itself
-        manifest.json        every file of the tag and its size, written last
+        manifest.json        every file of the tag, its size and sha256, written last
       best/  final/        extra tags: lowest val loss, end of training
       epoch_3/             checkpoint.every_epoch: after the update completing pass 3 (kept,
                            like best and final: `prune` removes step tags only)
@@ -22,20 +22,34 @@ Design choices:
   moves to `.old-<tag>` until then) and only then replaces `latest` (temp file +
   os.replace). A kill at any point leaves the old state or the new one; `clean_stale`
   removes the leftovers at the next start.
-- A tag is complete when its manifest matches the files on disk (sizes: a stat per file,
-  cheap for any model size; same-size damage is not detected) and its client state parses.
-  Resume and `resolve` take `latest`'s tag when complete, else the newest complete step
-  tag, with a warning for each one skipped; `locate` finds train.resume_from's tag.
+- A tag is complete when its manifest matches the files on disk and its client state
+  parses. Sizes (a stat per file) are checked wherever tags are listed (prune, `dsfm runs`);
+  contents (sha256 of every file, ~1 GB/s a core) wherever a tag is about to be loaded
+  (resume, rollback, generate/eval/export/merge), since a same-size change (bit rot, a
+  bad copy) otherwise loads silently as NaN weights. Digests are memoised per file
+  (path, size, mtime) so one command that resolves a tag twice hashes it once.
+- The digests are computed after every rank has written its files and before publish, by
+  all ranks at once, each hashing a share of the files balanced by size
+  (`write_hash_share`); rank 0 merges the shares into the manifest. Hashing inside the
+  writes is not practical: DeepSpeed writes its files itself with torch.save. The files
+  were just written, so they are read back from the page cache.
+- Which tag: the newest complete tag by step (from its client state), so `final` wins over
+  an older step tag; at equal steps `latest`'s tag. One line says so when that is not
+  `latest`'s tag, and a warning names each newer tag skipped (and why). A tag named
+  explicitly (a tag directory, train.resume_from=step_N) that is damaged is an error naming
+  the damage and the intact tags. `locate` finds train.resume_from's tag.
 - No torch here: `dsfm runs`, the config's resolve step and `dsfm plan` read tags too. The
   engine's side (saving, loading, re-sharding) is `checkpointer.py`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +63,8 @@ EPOCH_TAG = re.compile(r"^epoch_(\d+)$")
 NAMED_TAGS = ("best", "final")
 STATE_FILE = "dsfm_state.json"
 MANIFEST = "manifest.json"
+DIGEST = "sha256"  # hashlib's; with SHA-NI ~2x blake2b's speed (docs/checkpoints.md)
+HASH_SHARE = ".hashes-rank"  # one rank's digests, merged into the manifest by rank 0
 LATEST = "latest"
 PARTIAL = ".partial-"  # a tag being written
 OLD = ".old-"  # a replaced tag (best, final) until its successor is in place
@@ -101,6 +117,20 @@ def universal_name(tag: str) -> str:
     return UNIVERSAL + tag
 
 
+# The user's word that this process may unpickle arbitrary objects from checkpoints
+# (--trust-checkpoint; a command-line flag only, never a config key: a config can come with
+# the checkpoint it would vouch for). `engine.load_pickle` reads it.
+_trust = {"pickles": False}
+
+
+def trust_pickles(on: bool) -> None:
+    _trust["pickles"] = bool(on)
+
+
+def pickles_trusted() -> bool:
+    return _trust["pickles"]
+
+
 class CheckpointError(RuntimeError):
     """A save failed on some rank; the previous checkpoint is untouched."""
 
@@ -113,13 +143,53 @@ def write_client_state(tag_dir: Path, state: dict[str, Any]) -> None:
     (tag_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
 
 
-def write_manifest(tag_dir: Path) -> None:
-    """Every file under the tag and its size; written last, after the files are complete."""
-    files = {
-        p.relative_to(tag_dir).as_posix(): p.stat().st_size
+def _tag_files(tag_dir: Path) -> list[Path]:
+    """The files a manifest lists: all but the manifest and the hash shares."""
+    return [
+        p
         for p in sorted(tag_dir.rglob("*"))
-        if p.is_file() and p != tag_dir / MANIFEST
-    }
+        if p.is_file() and p != tag_dir / MANIFEST and not p.name.startswith(HASH_SHARE)
+    ]
+
+
+def file_digest(path: Path) -> str:
+    """The file's sha256, memoised by (path, size, mtime): a second look costs a stat."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _digests:
+        with open(path, "rb") as f:
+            _digests[key] = hashlib.file_digest(f, DIGEST).hexdigest()
+    return _digests[key]
+
+
+_digests: dict[tuple[str, int, int], str] = {}
+
+
+def write_hash_share(tag_dir: Path, rank: int, world: int) -> None:
+    """Every rank, once all have written: hash this rank's share of the tag's files (largest
+    first to the least loaded rank, the same split on every rank) into a share file."""
+    files = sorted(_tag_files(tag_dir), key=lambda p: (-p.stat().st_size, p.name))
+    loads, mine = [0] * world, {}
+    for p in files:
+        owner = loads.index(min(loads))
+        loads[owner] += p.stat().st_size
+        if owner == rank:
+            mine[p.relative_to(tag_dir).as_posix()] = file_digest(p)
+    (tag_dir / f"{HASH_SHARE}{rank}.json").write_text(json.dumps(mine))
+
+
+def write_manifest(tag_dir: Path) -> None:
+    """Every file under the tag, its size and digest; written last, after the files are
+    complete. Digests come from the ranks' shares (`write_hash_share`); a file no share
+    covers is hashed here."""
+    shares: dict[str, str] = {}
+    for share in sorted(tag_dir.glob(f"{HASH_SHARE}*.json")):
+        shares.update(json.loads(share.read_text()))
+        share.unlink()
+    files = {}
+    for p in _tag_files(tag_dir):
+        name = p.relative_to(tag_dir).as_posix()
+        files[name] = {"bytes": p.stat().st_size, DIGEST: shares.get(name) or file_digest(p)}
     (tag_dir / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
 
@@ -156,9 +226,11 @@ def clean_stale(ckpt_dir: Path) -> list[str]:
 
 def prune(ckpt_dir: Path, keep_last: int) -> list[str]:
     """Delete all but the newest `keep_last` step tags; never `latest`'s target, the newest
-    complete tag, best or final (they are not step tags)."""
-    protected = {latest_tag(ckpt_dir), resumable_tag(ckpt_dir, warn=False)}
+    complete tag, the newest complete step tag (a rollback's), best or final (they are not
+    step tags)."""
     steps = step_tags(ckpt_dir)
+    newest_step = next((n for _, n in reversed(steps) if not incomplete_reason(ckpt_dir, n)), None)
+    protected = {latest_tag(ckpt_dir), newest_step, resumable_tag(ckpt_dir, False, False, False)}
     doomed = [name for _, name in steps[:-keep_last] if name not in protected]
     for name in doomed:
         shutil.rmtree(ckpt_dir / name, ignore_errors=True)
@@ -188,8 +260,9 @@ def client_state(ckpt_dir: Path, tag: str) -> dict[str, Any]:
         raise ValueError(f"{f} is corrupt ({e}); resume from an earlier tag") from None
 
 
-def incomplete_reason(ckpt_dir: Path, tag: str) -> str | None:
-    """Why `tag` cannot be resumed from, or None when it is complete."""
+def incomplete_reason(ckpt_dir: Path, tag: str, content: bool = False) -> str | None:
+    """Why `tag` cannot be resumed from, or None when it is complete. `content`: every
+    file's digest too, not only its size (before loading: see the module doc)."""
     tag_dir = ckpt_dir / tag
     if not tag_dir.is_dir():
         return "missing"
@@ -204,12 +277,16 @@ def incomplete_reason(ckpt_dir: Path, tag: str) -> str | None:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError) as e:
         return f"{manifest} is corrupt ({e})"
-    for name, size in files.items():
+    for name, entry in files.items():
+        # A manifest of dsfm <= 0.x before content hashes lists sizes only: sizes are checked.
+        size, digest = (entry, None) if isinstance(entry, int) else (entry["bytes"], entry[DIGEST])
         f = tag_dir / name
         if not f.is_file():
             return f"{name} is missing"
         if f.stat().st_size != size:
             return f"{name} has {f.stat().st_size} bytes, {size} were written"
+        if content and digest is not None and file_digest(f) != digest:
+            return f"{name} is damaged: its content differs from the {DIGEST} in {MANIFEST}"
     return None
 
 
@@ -231,23 +308,74 @@ def published_tags(ckpt_dir: Path) -> list[str]:
     return sorted(t.name for t in ckpt_dir.iterdir() if t.is_dir() and not t.name.startswith("."))
 
 
-def resumable_tag(ckpt_dir: Path, before_step: int | None = None, warn: bool = True) -> str | None:
-    """`latest`'s tag if complete, else the newest complete step tag (warning about each one
-    skipped). With `before_step`, only step tags older than that step (a rollback)."""
-    candidates = [name for _, name in reversed(step_tags(ckpt_dir))]
+def tag_step(ckpt_dir: Path, tag: str) -> int | None:
+    """The step a tag was saved at (its client state; a step tag's name if that is
+    unreadable), or None."""
+    try:
+        return int(client_state(ckpt_dir, tag)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        m = STEP_TAG.match(tag)
+        return int(m.group(1)) if m else None
+
+
+def _newest_first(ckpt_dir: Path, latest: str | None) -> list[tuple[int, str]]:
+    """(step, tag) of every published tag, newest first; at equal steps `latest`'s tag, then
+    final, step, epoch and best tags."""
+    kind = {"final": 3, "best": 0}
+    keyed = []
+    for tag in published_tags(ckpt_dir):
+        step = tag_step(ckpt_dir, tag)
+        if step is not None:
+            order = kind.get(tag, 2 if STEP_TAG.match(tag) else 1)
+            keyed.append(((step, tag == latest, order), tag))
+    return [(key[0], tag) for key, tag in sorted(keyed, reverse=True)]
+
+
+def resumable_tag(
+    ckpt_dir: Path, before_step: int | None = None, warn: bool = True, content: bool = True
+) -> str | None:
+    """The newest complete tag by step (see the module doc), warning about each newer one
+    skipped; with `before_step`, only step tags older than that step (a rollback).
+    `content`: verify digests (before a load); sizes only otherwise."""
+    latest = latest_tag(ckpt_dir)
     if before_step is not None:
-        candidates = [n for n in candidates if int(STEP_TAG.match(n).group(1)) < before_step]
+        candidates = [(s, n) for s, n in reversed(step_tags(ckpt_dir)) if s < before_step]
     else:
-        latest = latest_tag(ckpt_dir)
-        if latest:
-            candidates = [latest] + [n for n in candidates if n != latest]
-    for name in candidates:
-        reason = incomplete_reason(ckpt_dir, name)
+        candidates = _newest_first(ckpt_dir, latest)
+    for step, name in candidates:
+        reason = incomplete_reason(ckpt_dir, name, content)
         if reason is None:
+            if warn and before_step is None and name != latest:
+                why = (
+                    f"`{LATEST}` names {latest}"
+                    if latest and (ckpt_dir / latest).is_dir()
+                    else f"`{LATEST}` names no saved tag"
+                    if latest
+                    else f"no `{LATEST}` file"
+                )
+                print0(
+                    f"checkpoint: using {name} (step {step}), the newest complete tag ({why})",
+                    file=sys.stderr,
+                )
             return name
         if warn:
-            print0(f"warning: skipping checkpoint {ckpt_dir / name}: {reason}")
+            print0(f"warning: skipping checkpoint {ckpt_dir / name}: {reason}", file=sys.stderr)
     return None
+
+
+def intact_tags(ckpt_dir: Path) -> list[str]:
+    """The published tags whose contents match their manifests (the alternatives an error
+    about a damaged tag names)."""
+    return [t for t in published_tags(ckpt_dir) if incomplete_reason(ckpt_dir, t, True) is None]
+
+
+def _damaged(ckpt_dir: Path, tag: str, reason: str) -> ValueError:
+    have = intact_tags(ckpt_dir)
+    return ValueError(
+        f"checkpoint {ckpt_dir / tag} is not usable: {reason}. "
+        + (f"Intact tags in {ckpt_dir}: {', '.join(have)}" if have else "No tag there is intact")
+        + f" (`dsfm ckpt verify {ckpt_dir}` checks them all)"
+    )
 
 
 def resolve(path: str | Path) -> tuple[Path, str]:
@@ -258,7 +386,9 @@ def resolve(path: str | Path) -> tuple[Path, str]:
             f"{p} does not exist (pass a run directory, its checkpoints/ "
             "directory, or one checkpoint tag directory)"
         )
-    if (p / STATE_FILE).is_file():
+    if (p / STATE_FILE).is_file():  # a tag named explicitly: damage is an error
+        if (reason := incomplete_reason(p.parent, p.name, content=True)) is not None:
+            raise _damaged(p.parent, p.name, reason)
         return p.parent, p.name
     if checkpoints_dir(p).is_dir():
         p = checkpoints_dir(p)
@@ -280,8 +410,10 @@ def locate(run_dir: str | Path, name: str) -> tuple[Path, str]:
         return resolve(name)
     here = checkpoints_dir(run_dir)
     if tag == LATEST:
-        tag = resumable_tag(here, warn=False) or tag
-    reason = incomplete_reason(here, tag)
+        tag = resumable_tag(here) or tag
+    reason = incomplete_reason(here, tag, content=True)
+    if reason is not None and (here / tag / MANIFEST).is_file():
+        raise _damaged(here, tag, reason)
     if reason is not None:
         have = published_tags(here)
         raise FileNotFoundError(
@@ -342,3 +474,31 @@ def check_resume_compatible(
                 *data_diffs,
             ]
         )
+
+
+# ---------------------------------------------------------------------------------------
+# `dsfm ckpt verify`
+
+
+def verify_command(run: str) -> int:
+    """Check every tag of a run (or checkpoints directory) against its manifest, contents
+    included: one line per tag, exit status 1 if any is damaged or incomplete."""
+    p = Path(run)
+    here = checkpoints_dir(p) if checkpoints_dir(p).is_dir() else p
+    tags = published_tags(here)
+    if not tags:
+        raise FileNotFoundError(
+            f"no checkpoint tags under {p} (pass a run directory or its checkpoints/ directory)"
+        )
+    bad = 0
+    for tag in tags:
+        reason = incomplete_reason(here, tag, content=True)
+        bad += reason is not None
+        print(f"{tag}: OK" if reason is None else f"{tag}: DAMAGED: {reason}")
+    latest = latest_tag(here)
+    chosen = resumable_tag(here, warn=False)
+    print(
+        f"{len(tags) - bad} of {len(tags)} tags intact; `{LATEST}`: {latest or 'none'}; "
+        f"resume and load would use: {chosen or 'none'}"
+    )
+    return 1 if bad else 0

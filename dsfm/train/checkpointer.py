@@ -91,6 +91,8 @@ class Checkpointer:
                 "resume."
             )
         faults.maybe_kill(step, this_rank, "save_shards")
+        checkpoint.write_hash_share(tmp_dir, this_rank, world_size())  # all ranks at once
+        barrier()
         if is_rank0():
             checkpoint.write_manifest(tmp_dir)
             checkpoint.publish(self.ckpt_dir, partial, tag)
@@ -105,6 +107,7 @@ class Checkpointer:
         RNG; return its client state."""
         ckpt_dir = ckpt_dir or self.ckpt_dir
         state = checkpoint.client_state(ckpt_dir, tag)
+        ds_engine.check_pickles(ckpt_dir / tag)  # before DeepSpeed unpickles anything
         if state["world_size"] != world_size() and self.engine.zero_optimization_stage() > 0:
             self._load_resharded(ckpt_dir, tag, state["world_size"])
         else:
@@ -113,7 +116,7 @@ class Checkpointer:
                 raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
         rng = checkpoint.rng_file(ckpt_dir / tag, rank())
         if rng.is_file():  # absent when resuming on more ranks than saved
-            set_rng_state(torch.load(rng, weights_only=False))
+            set_rng_state(ds_engine.load_pickle(rng))
         return state
 
     def _load_resharded(self, source: Path, tag: str, saved_world: int) -> None:
@@ -144,9 +147,11 @@ class Checkpointer:
 
 
 def rng_state() -> dict[str, Any]:
+    """Tensors, tuples and numbers only, so torch.load(weights_only=True) reads it back."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -156,7 +161,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import pickle
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +24,7 @@ import torch
 
 from dsfm.config.deepspeed import zero_stage
 from dsfm.distributed.env import LaunchError, local_rank, rank, rendezvous_problem
+from dsfm.train import checkpoint
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -252,19 +255,63 @@ def load_universal(engine: Any, ckpt_dir: Path, tag: str) -> None:
 
 def consolidated_state_dict(ckpt_dir: str | Path, tag: str, stage: int) -> dict[str, torch.Tensor]:
     """Full fp32 (stage >= 1: from the fp32 master shards) model weights of a checkpoint tag."""
+    check_pickles(Path(ckpt_dir) / tag)
     if stage >= 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with contextlib.redirect_stdout(sys.stderr):  # it prints progress to stdout
             sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     else:
-        states = torch.load(
-            Path(ckpt_dir) / tag / "mp_rank_00_model_states.pt",
-            map_location="cpu",
-            weights_only=False,
-        )
-        sd = states["module"]
+        sd = load_pickle(Path(ckpt_dir) / tag / "mp_rank_00_model_states.pt")["module"]
     return {k: v.float() for k, v in sd.items()}
+
+
+# --- safe loading
+# torch.load(weights_only=False), as DeepSpeed reads its files, runs whatever code a pickle
+# names. Before any of a tag's files is unpickled that way, each is read with torch's
+# weights_only unpickler (memory-mapped: the tensors are not read), allowing tensors, plain
+# containers and exactly the DeepSpeed types its tags hold (found by loading ZeRO-0..3 fp32
+# and bf16 tags: the ZeRO optimizer shards pickle the loss scaler, the ZeRO stage enum and
+# fragment addresses). Anything else is refused unless the user trusts the checkpoint
+# (`checkpoint.trust_pickles`, --trust-checkpoint).
+
+
+class UntrustedCheckpoint(ValueError):
+    """A checkpoint file holds pickled objects that could run code when loaded."""
+
+
+def _checkpoint_globals() -> list[Any]:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_pickle(path: Path, mmap: bool = False) -> Any:
+    """torch.load of a checkpoint file: tensors, containers and DeepSpeed's types only,
+    unless the user trusts checkpoints; UntrustedCheckpoint names the file otherwise."""
+    if checkpoint.pickles_trusted():
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_checkpoint_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = found.group(1) if found else str(e).splitlines()[0]
+        raise UntrustedCheckpoint(
+            f"{path} holds pickled objects other than tensors and DeepSpeed's checkpoint "
+            f"types ({what}); loading it could run code. If you trust where this checkpoint "
+            "came from, pass --trust-checkpoint"
+        ) from None
+
+
+def check_pickles(tag_dir: Path) -> None:
+    """Refuse a tag any of whose files would unpickle more than `load_pickle` allows, before
+    DeepSpeed (weights_only=False) reads them."""
+    if not checkpoint.pickles_trusted():
+        for f in sorted(tag_dir.rglob("*.pt")):
+            load_pickle(f, mmap=True)
 
 
 # --- ops (dsfm doctor)

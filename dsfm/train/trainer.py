@@ -542,8 +542,13 @@ def run(
 
 
 def train_command(
-    config: str | None, ds: str, overrides: list[str], data: str | None = None
+    config: str | None,
+    ds: str,
+    overrides: list[str],
+    data: str | None = None,
+    trust_checkpoint: bool = False,
 ) -> int:
+    checkpoint.trust_pickles(trust_checkpoint)
     return _train(config, ds, overrides, data, default_corpus=True)
 
 
@@ -565,7 +570,10 @@ def _train(
     return EXIT_REQUEUE if summary.get("preempted") else 0
 
 
-def finetune_command(config: str | None, ds: str, overrides: list[str]) -> int:
+def finetune_command(
+    config: str | None, ds: str, overrides: list[str], trust_checkpoint: bool = False
+) -> int:
+    checkpoint.trust_pickles(trust_checkpoint)
     cfg = load_config(find_recipe(config, "configs") if config else None, overrides)
     if not cfg.train.init_from:
         raise ValueError(

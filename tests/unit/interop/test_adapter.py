@@ -16,6 +16,7 @@ from dsfm.interop.hf import export_adapter, export_hf
 from dsfm.interop.weights import load_model, save_plain
 from dsfm.model.gpt import GPT
 from dsfm.model.lora import apply_lora
+from dsfm.train import checkpoint
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -135,6 +136,7 @@ def test_adapter_refused_without_lora_and_with_an_unreadable_base(tmp_path, toke
     state = json.loads(state_file.read_text())
     state["config"]["train"]["init_from"] = str(tmp_path / "gone")
     state_file.write_text(json.dumps(state))
+    checkpoint.write_manifest(run)  # an edited tag, not a damaged one
     with pytest.raises(FileNotFoundError, match=r"started from .*gone.*cannot be read"):
         export_adapter(run, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -93,7 +93,7 @@ def test_truncated_or_unpublished_newest_tag_falls_back_with_a_warning(tmp_path,
     shard = tmp_path / "step_00000004" / "shard.pt"
     shard.write_bytes(b"x" * 10)  # truncated, as by a full disk or a kill during a copy
     assert checkpoint.resumable_tag(tmp_path) == "step_00000002"
-    assert "skipping checkpoint" in capsys.readouterr().out
+    assert "skipping checkpoint" in capsys.readouterr().err
     assert checkpoint.resolve(tmp_path) == (tmp_path, "step_00000002")  # generate/eval/export
     shard.unlink()
     assert "shard.pt is missing" in checkpoint.incomplete_reason(tmp_path, "step_00000004")
@@ -130,7 +130,8 @@ def test_prune_never_deletes_the_newest_complete_tag(tmp_path):
     publish_tag(tmp_path, "final", 300, latest=False)
     deleted = checkpoint.prune(tmp_path, keep_last=1)
     assert deleted == ["step_00000100"]  # 200 survives: the newest *complete* step tag
-    assert checkpoint.resumable_tag(tmp_path) == "step_00000200"
+    assert checkpoint.resumable_tag(tmp_path) == "final"  # newest by step
+    assert checkpoint.resumable_tag(tmp_path, before_step=300) == "step_00000200"
 
 
 def test_resume_from_names_and_paths_locate_their_tags(tmp_path):
@@ -145,3 +146,53 @@ def test_resume_from_names_and_paths_locate_their_tags(tmp_path):
     assert checkpoint.locate(tmp_path / "elsewhere", str(ckpts / "epoch_1")) == (ckpts, "epoch_1")
     with pytest.raises(FileNotFoundError, match="its tags: best, epoch_1, step_00000008"):
         checkpoint.locate(run, "epoch_2")
+
+
+def test_same_size_damage_is_caught_by_content_and_the_previous_tag_used(tmp_path, capsys):
+    publish_tag(tmp_path, checkpoint.step_tag(2), 2)
+    publish_tag(tmp_path, checkpoint.step_tag(4), 4)
+    entry = json.loads((tmp_path / "step_00000004" / checkpoint.MANIFEST).read_text())
+    assert len(entry["files"]["shard.pt"][checkpoint.DIGEST]) == 64
+    (tmp_path / "step_00000004" / "shard.pt").write_bytes(b"y" * 100)  # same size
+    assert checkpoint.incomplete_reason(tmp_path, "step_00000004") is None  # sizes only
+    assert checkpoint.resolve(tmp_path) == (tmp_path, "step_00000002")
+    err = capsys.readouterr().err
+    assert "step_00000004: shard.pt is damaged" in err
+    assert "checkpoint: using step_00000002 (step 2)" in err
+    # named explicitly: an error naming the damage and the intact tags
+    with pytest.raises(ValueError, match=r"shard.pt is damaged.*Intact tags .*: step_00000002"):
+        checkpoint.resolve(tmp_path / "step_00000004")
+    with pytest.raises(ValueError, match="shard.pt is damaged"):
+        checkpoint.locate(tmp_path / "run", str(tmp_path / "step_00000004"))
+
+
+def test_newest_tag_by_step_wins_over_latest(tmp_path, capsys):
+    publish_tag(tmp_path, checkpoint.step_tag(8), 8)
+    publish_tag(tmp_path, "final", 12, latest=False)
+    publish_tag(tmp_path, "best", 12, latest=False)
+    assert checkpoint.resumable_tag(tmp_path) == "final"  # `latest` names an older tag
+    assert "using final (step 12), the newest complete tag (`latest` names step_00000008)" in (
+        capsys.readouterr().err
+    )
+    (tmp_path / "latest").unlink()
+    assert checkpoint.resolve(tmp_path) == (tmp_path, "final")
+    assert "no `latest` file" in capsys.readouterr().err
+    checkpoint.write_latest(tmp_path, "final")
+    assert checkpoint.resumable_tag(tmp_path) == "final"
+    assert capsys.readouterr().err == ""  # latest's own tag: nothing to say
+
+
+def test_ckpt_verify_reports_each_tag_and_exits_1_on_damage(tmp_path, capsys):
+    ckpts = tmp_path / "run" / "checkpoints"
+    publish_tag(ckpts, checkpoint.step_tag(2), 2)
+    publish_tag(ckpts, checkpoint.step_tag(4), 4)
+    assert checkpoint.verify_command(str(tmp_path / "run")) == 0
+    assert "step_00000002: OK\nstep_00000004: OK\n2 of 2 tags intact" in capsys.readouterr().out
+    with open(ckpts / "step_00000002" / "shard.pt", "r+b") as f:  # one byte, in place
+        f.seek(50)
+        f.write(b"z")
+    assert checkpoint.verify_command(str(ckpts)) == 1
+    out = capsys.readouterr().out
+    assert "step_00000002: DAMAGED: shard.pt is damaged" in out and "step_00000004: OK" in out
+    with pytest.raises(FileNotFoundError, match="no checkpoint tags"):
+        checkpoint.verify_command(str(ckpts / "step_00000002"))  # a tag, not a run
