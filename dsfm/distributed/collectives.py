@@ -7,6 +7,8 @@ current CUDA device when there is one (NCCL needs GPU tensors), else on the CPU 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as torch_dist
 
@@ -39,6 +41,15 @@ def any_rank(flag: bool) -> bool:
     )
     x = torch.tensor([float(flag)], device=device)
     return all_reduce_sum(x).item() > 0
+
+
+def from_rank0(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (a small picklable value: a verdict, a message)."""
+    if not initialized():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def mean_and_any(value: torch.Tensor, flag: bool) -> tuple[torch.Tensor, torch.Tensor]:

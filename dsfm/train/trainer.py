@@ -44,7 +44,7 @@ from dsfm.data.dataset import doc_positions
 from dsfm.data.format import fingerprint
 from dsfm.data.sampler import Sampler
 from dsfm.data.tokenizer import Tokenizer, copy_tokenizer, tokenizer_file
-from dsfm.distributed.collectives import barrier, mean_and_any
+from dsfm.distributed.collectives import barrier, from_rank0, mean_and_any
 from dsfm.distributed.env import describe, ensure_env, is_rank0, print0, rank, world_size
 from dsfm.doctor import preflight
 from dsfm.eval.loss import perplexity
@@ -54,7 +54,7 @@ from dsfm.observe.metrics import RunLogger, mfu, uniform_baseline
 from dsfm.observe.monitor import EarlyStopping
 from dsfm.observe.numbers import finite_or_none
 from dsfm.testing import faults
-from dsfm.train import build, checkpoint
+from dsfm.train import build, checkpoint, runlock
 from dsfm.train import engine as ds_engine
 from dsfm.train.checkpoint import CheckpointError
 from dsfm.train.checkpointer import Checkpointer
@@ -532,7 +532,28 @@ def run(
     print0(describe(launch))
     # The watchdog names the stuck rank; the backend timeout, later, is the backstop.
     ds_engine.init_distributed(2 * cfg.train.watchdog_s)
-    return Trainer(cfg, ds).fit()
+    lock = lock_run_dir(Path(cfg.train.out_dir))
+    try:
+        return Trainer(cfg, ds).fit()
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def lock_run_dir(run_dir: Path) -> runlock.RunLock | None:
+    """Rank 0 takes the run directory's one-writer lock before anything reads or cleans it;
+    a refusal ends every rank alike, before the engine is built (None on other ranks)."""
+    lock, refusal = None, None
+    if is_rank0():
+        try:
+            lock = runlock.acquire(run_dir, say=print0)
+        except runlock.RunLocked as e:
+            refusal = str(e)
+        except OSError as e:  # e.g. a read-only train.out_dir: every rank must hear of it
+            refusal = f"cannot lock {run_dir} ({e}); train.out_dir must be writable"
+    if refusal := from_rank0(refusal):
+        raise runlock.RunLocked(refusal)
+    return lock
 
 
 def train_command(
