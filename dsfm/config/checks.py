@@ -48,9 +48,9 @@ def check(cfg: Config, world_size: int = 1) -> list[str]:
     bad = [(key, value) for key, value in _numbers(cfg, "") if not math.isfinite(value)]
     # A NaN slips through every comparison below: say it once, by its key, and not again.
     keys = tuple(f"{key.split('[')[0]} " for key, _ in bad)
-    return [
-        f"{key}={value} is not a finite number; give it a real value" for key, value in bad
-    ] + [q for q in _rules(cfg, world_size) if not q.replace("=", " ", 1).startswith(keys)]
+    return [f"{key}={value} is not a finite number; give it a real value" for key, value in bad] + [
+        q for q in _rules(cfg, world_size) if not q.replace("=", " ", 1).startswith(keys)
+    ]
 
 
 def _numbers(value: Any, key: str) -> list[tuple[str, float]]:
