@@ -52,6 +52,16 @@ def from_rank0(obj: Any) -> Any:
     return box[0]
 
 
+def first_of_ranks(obj: Any) -> Any:
+    """The first rank's non-None `obj` on every rank, None when all are None (a problem one
+    rank found, which must end every rank alike)."""
+    if not initialized():
+        return obj
+    objs: list[Any] = [None] * rank_and_world()[1]
+    torch_dist.all_gather_object(objs, obj)
+    return next((o for o in objs if o is not None), None)
+
+
 def mean_and_any(value: torch.Tensor, flag: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """`value` averaged over ranks and whether `flag` is set on any rank (> 0), in one
     all-reduce and without a host read: both stay on the device (the trainer's per-step

@@ -44,8 +44,16 @@ from dsfm.data.dataset import doc_positions
 from dsfm.data.format import fingerprint
 from dsfm.data.sampler import Sampler
 from dsfm.data.tokenizer import Tokenizer, copy_tokenizer, tokenizer_file
-from dsfm.distributed.collectives import barrier, from_rank0, mean_and_any
-from dsfm.distributed.env import describe, ensure_env, is_rank0, print0, rank, world_size
+from dsfm.distributed.collectives import barrier, first_of_ranks, from_rank0, mean_and_any
+from dsfm.distributed.env import (
+    describe,
+    ensure_env,
+    is_rank0,
+    local_rank,
+    print0,
+    rank,
+    world_size,
+)
 from dsfm.doctor import preflight
 from dsfm.eval.loss import perplexity
 from dsfm.gpus import peak_flops
@@ -97,6 +105,7 @@ class Trainer:
         self.device = ds_engine.device()
         self.global_batch = t.micro_batch_size * t.grad_accum * self.world
 
+        self._check_data()
         self.train_data = build.open_data(cfg, "train")
         val_data = build.open_val(cfg, self.world, warn=lambda m: print0(f"warning: {m}"))
         self.tokenizer_path = tokenizer_file(cfg.data.sources()[0][1])
@@ -429,6 +438,18 @@ class Trainer:
             "early_stopping": self.early.state_dict(),
             "resumed_from": self.resumed_from,
         }
+
+    def _check_data(self) -> None:
+        """The token files against their hashes, once per node (the first start of a dataset
+        reads it, later ones only stat it); a damaged file ends every rank with its name."""
+        problem = None
+        if local_rank() == 0:
+            try:
+                build.check_data(self.cfg, say=print)
+            except ValueError as e:
+                problem = str(e)
+        if problem := first_of_ranks(problem):
+            raise ValueError(problem)
 
     def _resume_point(self) -> tuple[Path, str] | None:
         """(checkpoints dir, tag) to resume from, checked against the config before anything

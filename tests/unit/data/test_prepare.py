@@ -123,6 +123,7 @@ def test_round_trip(tmp_path, corpus, tokenizer):
         assert shard["name"] == split
         assert shard["sha256"] == hashlib.sha256((out / f"{split}.bin").read_bytes()).hexdigest()
     assert sorted(p.name for p in out.iterdir()) == [
+        ".verified.json",  # the hashes above, recorded for training's start-up check
         "meta.json",
         "tokenizer.json",
         "train.bin",
