@@ -477,6 +477,13 @@ class Trainer:
             checkpoint.check_resume_compatible(
                 saved, self.cfg, point[0] / point[1], self.data_fingerprint
             )
+            old_len = saved["config"]["train"]["seq_len"]
+            if old_len != self.cfg.train.seq_len:  # allowed (curricula do it), but said
+                print0(
+                    f"note: train.seq_len={self.cfg.train.seq_len} but {point[1]} trained with "
+                    f"{old_len}: the samples are new windows in a new order, so the data does "
+                    "not continue exactly where it stopped"
+                )
         return point
 
     def _resume(self, ckpt_dir: Path, tag: str) -> None:
