@@ -446,7 +446,7 @@ class Trainer:
         if local_rank() == 0:
             try:
                 build.check_data(self.cfg, say=print)
-            except ValueError as e:
+            except (ValueError, OSError) as e:  # a missing file too: no rank may wait alone
                 problem = str(e)
         if problem := first_of_ranks(problem):
             raise ValueError(problem)
