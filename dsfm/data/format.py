@@ -27,7 +27,9 @@ Design choices:
   mismatch is one error: the first out-of-vocabulary id's file and token offset when there
   is one (it would end training in an IndexError), else "changed after prepare". Prepare
   writes the cache as it writes the files, from the hashes it streamed. A dataset directory
-  that cannot be written is hashed at every start (said once per start).
+  that cannot be written is hashed at every start (said once per start). Every dataset of
+  this format version has shard hashes; a `meta.json` edited by hand without them gets its
+  ids' range checked instead, cached the same way.
 - Hashes: sha256 of each file, streamed. The dataset's identity for resume checks
   (`fingerprint`) is its counts and sources plus its tokenizer's hash: cheap, and
   independent of where the files live.
@@ -49,6 +51,7 @@ from dsfm.data.tokenizer import Tokenizer, tokenizer_file, tokenizer_files
 FORMAT_VERSION = 2
 META_FILE = "meta.json"
 VERIFIED_FILE = ".verified.json"
+IDS_IN_RANGE = "ids-in-range"  # the cache's mark of a shard with no hash, whose ids were read
 SPLITS = ("train", "val")
 MASK_DTYPE = np.dtype(np.uint8)
 OFFSET_DTYPE = np.dtype(np.int64)
@@ -265,10 +268,15 @@ def check_content(
     for split in meta["splits"]:
         for shard in shards(meta, split):
             path = bin_path(data_dir, shard["name"])
-            version = [*_file_version(path), shard["sha256"]]
+            # A meta.json without a shard's hash (written by hand): its ids' range, at least.
+            expected = shard.get("sha256", IDS_IN_RANGE)
+            version = [*_file_version(path), expected]
             if cache.get(shard["name"]) == version:
                 continue
-            if file_sha256(path) != shard["sha256"]:
+            if expected == IDS_IN_RANGE:
+                if first_out_of_vocab(open_tokens(data_dir, meta, shard), meta["vocab_size"]):
+                    raise ValueError(_damage(data_dir, meta, shard))
+            elif file_sha256(path) != expected:
                 raise ValueError(_damage(data_dir, meta, shard))
             cache[shard["name"]], hashed = version, hashed + version[0]
     if hashed and not _write_verified(data_dir, cache):

@@ -79,3 +79,15 @@ def test_a_cache_that_cannot_be_written_means_hashing_each_time_and_says_so(data
         said: list[str] = []
         assert check_content(data, read_meta(data), say=said.append) > 0
         assert len(said) == 1 and "not writable" in said[0]
+
+
+def test_a_shard_without_a_hash_gets_its_ids_checked_once(data):
+    """meta.json written by hand, without shard hashes: the id range, cached the same way."""
+    meta = read_meta(data)
+    for shard in meta["splits"]["train"]["shards"]:
+        del shard["sha256"]
+    assert check_content(data, meta) > 0 and check_content(data, meta) == 0
+    shard = meta["splits"]["train"]["shards"][0]["name"]
+    overwrite(bin_path(data, shard), 3, [4000])
+    with pytest.raises(ValueError, match="token id 4000 at token offset 3 is outside"):
+        check_content(data, meta)
