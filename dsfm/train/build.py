@@ -107,7 +107,7 @@ def check_data(cfg: Config, say: Callable[[str], None]) -> None:
         start = time.perf_counter()
         if hashed := check_content(path, read_meta(path), say):
             say(
-                f"verified {hashed / 1e6:,.0f} MB of tokens in {path} against their sha256 "
+                f"verified {hashed / 1e6:,.1f} MB of tokens in {path} against their sha256 "
                 f"({time.perf_counter() - start:.1f} s, once: cached until they change)"
             )
 

