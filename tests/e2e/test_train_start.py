@@ -84,14 +84,14 @@ def test_damaged_tokens_stop_train_before_it_builds_anything(byte_data, tmp_path
     """Ids written into train.bin after prepare, the file's size unchanged."""
     data, run = tmp_path / "data", tmp_path / "run"
     shutil.copytree(byte_data, data)
-    first = dsfm("train", *args(data, run, "train.max_steps=1"))  # a copy: hashed once
+    first = dsfm("train", *args(data, run, "train.max_steps=3"))  # a copy: hashed once
     assert "verified" in first.stdout and "against their sha256" in first.stdout
 
     time.sleep(0.02)  # file times tick with the kernel's clock
     with open(data / "train.bin", "r+b") as f:
         f.seek(2 * 1000)
         f.write(np.array([65535], dtype=np.uint16).tobytes())
-    bad = dsfm("train", *args(data, tmp_path / "run2", "train.max_steps=1"), check=False)
+    bad = dsfm("train", *args(data, tmp_path / "run2", "train.max_steps=3"), check=False)
     assert bad.returncode == 2, bad.stderr
     assert (
         f"{data / 'train.bin'}: token id 65535 at token offset 1000 is outside the vocabulary "
