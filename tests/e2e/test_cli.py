@@ -72,7 +72,7 @@ def test_generate_warns_when_the_context_stops_it(trained_run):
     from dsfm.data.chat import prompt_ids
     from dsfm.data.tokenizer import Tokenizer
 
-    prompt = "import os\nimport sys\n\n\ndef main(argv):\n    " * 6
+    prompt = "import os\nimport sys\n\n\ndef main(argv):\n    " * 8  # 15 tokens each
     n_prompt = len(prompt_ids(Tokenizer.load(trained_run), prompt, chat=False)[0])
     assert 100 < n_prompt < 128
     args = [str(trained_run), "--prompt", prompt, "--temperature", "0"]
