@@ -7,6 +7,10 @@ checkpoints and packages a config names exist is the resolve step's question (`r
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from typing import Any
+
 from dsfm.config.schema import (
     LOG_SINKS,
     PRECISIONS,
@@ -41,6 +45,26 @@ NOT_NEGATIVE = [
 
 def check(cfg: Config, world_size: int = 1) -> list[str]:
     """Every rule the config breaks, [] when none."""
+    bad = [(key, value) for key, value in _numbers(cfg, "") if not math.isfinite(value)]
+    # A NaN slips through every comparison below: say it once, by its key, and not again.
+    keys = tuple(f"{key.split('[')[0]} " for key, _ in bad)
+    return [f"{key}={value} is not a finite number; give it a real value" for key, value in bad] + [
+        q for q in _rules(cfg, world_size) if not q.replace("=", " ", 1).startswith(keys)
+    ]
+
+
+def _numbers(value: Any, key: str) -> list[tuple[str, float]]:
+    if dataclasses.is_dataclass(value):
+        fields = [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+        return [n for name, v in fields for n in _numbers(v, f"{key}.{name}".lstrip("."))]
+    if isinstance(value, (list, tuple)):
+        return [n for i, v in enumerate(value) for n in _numbers(v, f"{key}[{i}]")]
+    if isinstance(value, float):
+        return [(key, value)]
+    return []
+
+
+def _rules(cfg: Config, world_size: int) -> list[str]:
     p: list[str] = []
     t, o, s = cfg.train, cfg.optim, cfg.schedule
     for sec, name in AT_LEAST_ONE:

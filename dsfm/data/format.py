@@ -10,6 +10,8 @@
       {split}.idx        int64 start offset of every document, n_docs + 1 entries
       {split}.mask       chat data: one uint8 per token, 1 where the loss counts
       {split}-00000.bin  ... shards of a split cut with --shard-size, in meta.json's order
+      .verified.json     the `.bin` files whose sha256 matched meta.json, by size, mtime,
+                         ctime and inode: `check_content`'s cache (written by prepare too)
 
 Design choices:
 - `read_meta` checks the files against `meta.json` (every shard's size, the tokenizer's
@@ -18,6 +20,16 @@ Design choices:
   that need a few facts of a directory that may not hold its tokens (`dsfm plan`, the
   config's resolve step).
 - One format version; a dataset of another version is refused with the fix.
+- Content at every training start (`check_content`): each `.bin` is hashed once per file
+  version and the match cached in `.verified.json`, keyed by size, mtime, ctime and inode,
+  so a later start costs a `stat` per shard, and any write to a shard (which moves its
+  mtime and ctime, even when its size stays) makes the next start hash it again. A
+  mismatch is one error: the first out-of-vocabulary id's file and token offset when there
+  is one (it would end training in an IndexError), else "changed after prepare". Prepare
+  writes the cache as it writes the files, from the hashes it streamed. A dataset directory
+  that cannot be written is hashed at every start (said once per start). Every dataset of
+  this format version has shard hashes; a `meta.json` edited by hand without them gets its
+  ids' range checked instead, cached the same way.
 - Hashes: sha256 of each file, streamed. The dataset's identity for resume checks
   (`fingerprint`) is its counts and sources plus its tokenizer's hash: cheap, and
   independent of where the files live.
@@ -27,6 +39,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +50,8 @@ from dsfm.data.tokenizer import Tokenizer, tokenizer_file, tokenizer_files
 
 FORMAT_VERSION = 2
 META_FILE = "meta.json"
+VERIFIED_FILE = ".verified.json"
+IDS_IN_RANGE = "ids-in-range"  # the cache's mark of a shard with no hash, whose ids were read
 SPLITS = ("train", "val")
 MASK_DTYPE = np.dtype(np.uint8)
 OFFSET_DTYPE = np.dtype(np.int64)
@@ -191,6 +207,102 @@ def read_offsets(data_dir: Path, shard: dict[str, Any]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------
+# Content
+
+
+def first_out_of_vocab(tokens: np.ndarray, vocab_size: int) -> tuple[int, int] | None:
+    """(token offset, id) of the first id >= `vocab_size`, read in chunks; None if none."""
+    chunk_tokens = 1 << 22
+    for start in range(0, len(tokens), chunk_tokens):
+        bad = np.flatnonzero(np.asarray(tokens[start : start + chunk_tokens]) >= vocab_size)
+        if len(bad):
+            return start + int(bad[0]), int(tokens[start + int(bad[0])])
+    return None
+
+
+def _file_version(path: Path) -> list[int]:
+    st = path.stat()  # a write moves mtime and ctime even when the size stays
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _read_verified(data_dir: Path) -> dict[str, Any]:
+    try:
+        cache = json.loads((data_dir / VERIFIED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _write_verified(data_dir: Path, cache: dict[str, Any]) -> bool:
+    """Atomically; False when the directory cannot be written (a shared read-only copy)."""
+    tmp = data_dir / f"{VERIFIED_FILE}.{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(cache, indent=1) + "\n")
+        os.replace(tmp, data_dir / VERIFIED_FILE)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def record_verified(data_dir: Path, meta: dict[str, Any]) -> None:
+    """Prepare's side: the shards just written match the hashes it streamed into `meta`."""
+    cache = {
+        shard["name"]: [*_file_version(bin_path(data_dir, shard["name"])), shard["sha256"]]
+        for split in meta["splits"]
+        for shard in shards(meta, split)
+    }
+    _write_verified(data_dir, cache)
+
+
+def check_content(
+    data_dir: str | Path, meta: dict[str, Any], say: Callable[[str], None] = print
+) -> int:
+    """Every `.bin` of the dataset against its sha256 in `meta.json`, skipping files whose
+    match is cached and unchanged since. ValueError naming the file, the first
+    out-of-vocabulary token offset (or the changed content) and the fix. Returns the bytes
+    hashed (0 when every shard was cached)."""
+    data_dir = Path(data_dir)
+    cache = _read_verified(data_dir)
+    hashed = 0
+    for split in meta["splits"]:
+        for shard in shards(meta, split):
+            path = bin_path(data_dir, shard["name"])
+            # A meta.json without a shard's hash (written by hand): its ids' range, at least.
+            expected = shard.get("sha256", IDS_IN_RANGE)
+            version = [*_file_version(path), expected]
+            if cache.get(shard["name"]) == version:
+                continue
+            if expected == IDS_IN_RANGE:
+                if first_out_of_vocab(open_tokens(data_dir, meta, shard), meta["vocab_size"]):
+                    raise ValueError(_damage(data_dir, meta, shard))
+            elif file_sha256(path) != expected:
+                raise ValueError(_damage(data_dir, meta, shard))
+            cache[shard["name"]], hashed = version, hashed + version[0]
+    if hashed and not _write_verified(data_dir, cache):
+        say(
+            f"note: {data_dir} is not writable, so its verified hashes are not cached: "
+            "every start hashes its token files again"
+        )
+    return hashed
+
+
+def _damage(data_dir: Path, meta: dict[str, Any], shard: dict[str, Any]) -> str:
+    path = bin_path(data_dir, shard["name"])
+    fix = f"`dsfm data verify {data_dir}` lists every problem; {PREPARE_HINT}"
+    bad = first_out_of_vocab(open_tokens(data_dir, meta, shard), meta["vocab_size"])
+    if bad is not None:
+        return (
+            f"{path}: token id {bad[1]} at token offset {bad[0]} is outside the vocabulary "
+            f"({meta['vocab_size']} ids): the file was damaged after prepare; {fix}"
+        )
+    return (
+        f"{path}: its sha256 differs from {META_FILE}: the file changed after prepare (its "
+        f"ids are in the vocabulary, but training would read altered data); {fix}"
+    )
+
+
+# ---------------------------------------------------------------------------------------
 # Writing
 
 
@@ -215,6 +327,7 @@ def write_meta(
         **extra,
     }
     (data_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    record_verified(data_dir, meta)
     return meta
 
 

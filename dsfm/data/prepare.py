@@ -155,7 +155,9 @@ def prepare(
             f"256 bytes + EOT); use tokenizer='byte' for a pure byte vocabulary"
         )
     check_out_dir(out_dir, force)
+    check_inputs_outside(out_dir, inputs)
     sources = resolve_inputs(inputs)
+    check_inputs_outside(out_dir, [s.path for s in sources])
     if all(s.kind not in ("stdlib", "hf") and os.path.getsize(s.path) == 0 for s in sources):
         raise ValueError(f"empty corpus: every input file is empty ({[s.path for s in sources]})")
     arrays = [s.path for s in sources if s.kind == "tokens"]
@@ -208,7 +210,9 @@ def prepare_chat(
     out_dir = Path(os.path.abspath(Path(out_dir).expanduser()))
     check_val_fraction(val_fraction, "conversations")
     check_out_dir(out_dir, force)
+    check_inputs_outside(out_dir, inputs)
     sources = resolve_inputs(inputs)
+    check_inputs_outside(out_dir, [s.path for s in sources])
     others = [s.path for s in sources if s.kind != "jsonl"]
     if others:
         raise ValueError(
@@ -243,6 +247,25 @@ def prepare_chat(
 
 # ---------------------------------------------------------------------------------------
 # Checks shared by both
+
+
+def check_inputs_outside(out_dir: Path, inputs: list[str]) -> None:
+    """`--force` replaces `out_dir` whole: an input inside it (or the directory itself)
+    would be deleted with the old dataset, so it is refused before anything is read."""
+    if not out_dir.is_dir():
+        return
+    for item in map(str, [inputs] if isinstance(inputs, (str, Path)) else inputs):
+        path = Path(item).expanduser()
+        if not (path.exists() or path.is_symlink()):
+            continue  # stdlib, hf:NAME, a glob: their files are checked once resolved
+        # as written (a link inside is deleted) and as resolved (a link to the output)
+        pairs = [(Path(os.path.abspath(path)), out_dir), (path.resolve(), out_dir.resolve())]
+        if any(p == root or root in p.parents for p, root in pairs):
+            raise ValueError(
+                f"input {item} lies inside the output directory {out_dir}, and --force "
+                "would delete it with the old dataset; move the input out first, "
+                "or write the dataset to another --out"
+            )
 
 
 def check_val_fraction(val_fraction: float, unit: str) -> None:

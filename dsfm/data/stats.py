@@ -27,6 +27,7 @@ from dsfm.data.format import (
     META_FILE,
     bin_path,
     file_sha256,
+    first_out_of_vocab,
     idx_path,
     open_tokens,
     read_meta,
@@ -136,17 +137,13 @@ def _random_document(data_dir, meta, split_shards, tok, rng) -> dict[str, Any]:
 
 
 def _check_ids(tokens: np.memmap, vocab_size: int, where: str) -> list[str]:
-    for start in range(0, len(tokens), CHUNK_TOKENS):
-        chunk = np.asarray(tokens[start : start + CHUNK_TOKENS])
-        bad = np.flatnonzero(chunk >= vocab_size)
-        if len(bad):
-            at = start + int(bad[0])
-            return [
-                f"{where}: token id {int(tokens[at])} at token offset {at} is not below the "
-                f"vocabulary size {vocab_size} ({len(bad)} such ids in that chunk); the file is "
-                "corrupt or was made with another tokenizer"
-            ]
-    return []
+    bad = first_out_of_vocab(tokens, vocab_size)
+    if bad is None:
+        return []
+    return [
+        f"{where}: token id {bad[1]} at token offset {bad[0]} is not below the vocabulary "
+        f"size {vocab_size}; the file is corrupt or was made with another tokenizer"
+    ]
 
 
 def _check_offsets(offsets: np.ndarray, tokens: np.memmap, shard: dict, eot: int, where: str):

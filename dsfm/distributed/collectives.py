@@ -36,11 +36,48 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on at least one (one tiny all-reduce)."""
-    device = (
-        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    )
-    x = torch.tensor([float(flag)], device=device)
+    x = torch.tensor([float(flag)], device=_device())
     return all_reduce_sum(x).item() > 0
+
+
+def from_rank0(text: str | None) -> str | None:
+    """Rank 0's `text` (a verdict, a message; None for none) on every rank."""
+    return _text_from(0, text)
+
+
+def first_of_ranks(text: str | None) -> str | None:
+    """The first rank's non-None `text` on every rank, None when all are None (a problem one
+    rank found, which must end every rank alike)."""
+    if not initialized():
+        return text
+    rank, world = rank_and_world()
+    found = torch.zeros(world, device=_device())
+    found[rank] = float(text is not None)
+    all_reduce_sum(found)
+    senders = found.nonzero()
+    return None if len(senders) == 0 else _text_from(int(senders[0, 0]), text)
+
+
+def _text_from(src: int, text: str | None) -> str | None:
+    """`src`'s text on every rank, as plain tensors: torch's object collectives
+    (`broadcast_object_list`) sometimes abort the process at exit on gloo."""
+    if not initialized():
+        return text
+    data = b"" if text is None else text.encode()
+    size = torch.tensor([len(data) + 1 if text is not None else 0], device=_device())
+    torch_dist.broadcast(size, src=src)
+    n = int(size.item())
+    if n == 0:
+        return None
+    buf = torch.zeros(n - 1, dtype=torch.uint8, device=_device())
+    if rank_and_world()[0] == src and data:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    torch_dist.broadcast(buf, src=src)
+    return buf.cpu().numpy().tobytes().decode()
+
+
+def _device() -> torch.device | None:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
 
 
 def mean_and_any(value: torch.Tensor, flag: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,14 @@ from collections.abc import Callable
 
 from dsfm.data.chat import end_of_turn_id, render_prompt
 from dsfm.data.tokenizer import Tokenizer
-from dsfm.eval.generate import chat_turn, check_args, stream, stream_text
+from dsfm.eval.generate import (
+    chat_turn,
+    check_args,
+    context_cut,
+    recorded,
+    stream,
+    stream_text,
+)
 from dsfm.interop.weights import load_model
 from dsfm.train import checkpoint
 
@@ -134,9 +141,11 @@ def chat_command(
                 f"are dropped from now on" + ("; the system message stays)" if system else ")")
             )
             warned = True
+        ids = render_prompt(chat_turn(system, history, text), tokenizer)
+        drawn: list[int] = []
         tokens = stream(
             model,
-            render_prompt(chat_turn(system, history, text), tokenizer),
+            ids,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_k=top_k,
@@ -146,10 +155,12 @@ def chat_command(
         )
         reply = ""
         try:
-            for piece in stream_text(tokenizer, tokens):
+            for piece in stream_text(tokenizer, recorded(tokens, drawn)):
                 print(piece, end="", flush=True)
                 reply += piece
         except KeyboardInterrupt:
             print(" (stopped)", end="")
         print()
+        if cut := context_cut(len(ids), len(drawn), max_new_tokens, max_seq_len):
+            print(f"({cut})")
         history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]

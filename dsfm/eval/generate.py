@@ -17,6 +17,7 @@ Design choices:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -163,6 +164,27 @@ def _tokens(
         model.train(was_training)
 
 
+def recorded(tokens: Iterable[int], into: list[int]) -> Iterator[int]:
+    """`tokens`, each also appended to `into` (to count them once streamed)."""
+    for token in tokens:
+        into.append(token)
+        yield token
+
+
+def context_cut(
+    prompt_len: int, generated: int, max_new_tokens: int, max_seq_len: int
+) -> str | None:
+    """Why a generation ended short of `max_new_tokens`, when the context did it (`stream`
+    stops where prompt + output fill `max_seq_len`); None otherwise."""
+    room = max_seq_len - prompt_len
+    if room >= max_new_tokens or generated < room:
+        return None
+    return (
+        f"generation stopped at the model's {max_seq_len}-token context: {generated} of the "
+        f"{max_new_tokens} new tokens asked for, after a {prompt_len}-token prompt"
+    )
+
+
 def stream_text(tokenizer: Tokenizer, tokens: Iterable[int]) -> Iterator[str]:
     """The text of `tokens` in pieces, as they arrive; the pieces join to `decode(all)`.
 
@@ -222,7 +244,10 @@ def generate_command(
         eot_id=stop_id,
         use_cache=not no_cache,
     )
-    for piece in stream_text(tokenizer, tokens):
+    drawn: list[int] = []
+    for piece in stream_text(tokenizer, recorded(tokens, drawn)):
         print(piece, end="", flush=True)
     print()
+    if cut := context_cut(len(ids), len(drawn), max_new_tokens, model.cfg.max_seq_len):
+        print(f"warning: {cut}", file=sys.stderr)
     return 0

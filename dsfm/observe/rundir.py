@@ -6,6 +6,8 @@
       metrics.jsonl      one JSON object per step (and event rows: they have no "loss")
       samples.jsonl      generations from eval.prompts at every eval
       summary.json       the end-of-run summary
+      train.lock         held by the `dsfm train` writing here: host, pid, start time
+                         (`dsfm.train.runlock`)
       tokenizer.json     the data's tokenizer (`dsfm.data.tokenizer`)
       metrics.csv        tensorboard/   wandb/              what the chosen sinks write
       wandb_run_id       the W&B run's id, so a resumed or requeued run stays one W&B run
@@ -43,10 +45,16 @@ WANDB_RUN_ID = "wandb_run_id"
 CHECKPOINTS = "checkpoints"
 DATA = "data"
 EVAL = "eval"
+LOCK = "train.lock"
 
 
 def checkpoints_dir(run: str | Path) -> Path:
     return Path(run) / CHECKPOINTS
+
+
+def lock_file(run: str | Path) -> Path:
+    """The one-writer lock of a run directory (`dsfm.train.runlock` takes it)."""
+    return Path(run) / LOCK
 
 
 def data_dir(run: str | Path) -> Path:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +36,7 @@ from dsfm.data import cache
 from dsfm.data.blend import BlendedDataset, open_split
 from dsfm.data.corpus import STDLIB
 from dsfm.data.dataset import TokenDataset
-from dsfm.data.format import is_dataset_dir
+from dsfm.data.format import check_content, is_dataset_dir, read_meta
 from dsfm.distributed.env import is_rank0, local_rank
 from dsfm.interop.weights import TensorSource
 from dsfm.model.gpt import GPT
@@ -96,6 +97,19 @@ def return_freed_memory(threshold: int = 1 << 20) -> None:
     except OSError:
         return
     libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also stops its adjustment
+
+
+def check_data(cfg: Config, say: Callable[[str], None]) -> None:
+    """Every dataset's token files against the hashes in its meta.json (`format.check_content`:
+    cached, so only a dataset new or changed since its last check is read); ValueError
+    naming the file, offset and fix."""
+    for _, path, _ in cfg.data.sources():
+        start = time.perf_counter()
+        if hashed := check_content(path, read_meta(path), say):
+            say(
+                f"verified {hashed / 1e6:,.1f} MB of tokens in {path} against their sha256 "
+                f"({time.perf_counter() - start:.1f} s, once: cached until they change)"
+            )
 
 
 def open_data(

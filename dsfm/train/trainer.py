@@ -44,8 +44,22 @@ from dsfm.data.dataset import doc_positions
 from dsfm.data.format import fingerprint
 from dsfm.data.sampler import Sampler
 from dsfm.data.tokenizer import Tokenizer, copy_tokenizer, tokenizer_file
-from dsfm.distributed.collectives import barrier, lost_peer, mean_and_any
-from dsfm.distributed.env import describe, ensure_env, is_rank0, print0, rank, world_size
+from dsfm.distributed.collectives import (
+    barrier,
+    first_of_ranks,
+    from_rank0,
+    lost_peer,
+    mean_and_any,
+)
+from dsfm.distributed.env import (
+    describe,
+    ensure_env,
+    is_rank0,
+    local_rank,
+    print0,
+    rank,
+    world_size,
+)
 from dsfm.doctor import preflight
 from dsfm.eval.loss import perplexity
 from dsfm.gpus import peak_flops
@@ -54,7 +68,7 @@ from dsfm.observe.metrics import RunLogger, mfu, uniform_baseline
 from dsfm.observe.monitor import EarlyStopping
 from dsfm.observe.numbers import finite_or_none
 from dsfm.testing import faults
-from dsfm.train import build, checkpoint
+from dsfm.train import build, checkpoint, runlock
 from dsfm.train import engine as ds_engine
 from dsfm.train.checkpoint import CheckpointError
 from dsfm.train.checkpointer import Checkpointer
@@ -97,6 +111,7 @@ class Trainer:
         self.device = ds_engine.device()
         self.global_batch = t.micro_batch_size * t.grad_accum * self.world
 
+        self._check_data()
         self.train_data = build.open_data(cfg, "train")
         val_data = build.open_val(cfg, self.world, warn=lambda m: print0(f"warning: {m}"))
         self.tokenizer_path = tokenizer_file(cfg.data.sources()[0][1])
@@ -436,6 +451,18 @@ class Trainer:
             "resumed_from": self.resumed_from,
         }
 
+    def _check_data(self) -> None:
+        """The token files against their hashes, once per node (the first start of a dataset
+        reads it, later ones only stat it); a damaged file ends every rank with its name."""
+        problem = None
+        if local_rank() == 0:
+            try:
+                build.check_data(self.cfg, say=print)
+            except (ValueError, OSError) as e:  # a missing file too: no rank may wait alone
+                problem = str(e)
+        if problem := first_of_ranks(problem):
+            raise ValueError(problem)
+
     def _resume_point(self) -> tuple[Path, str] | None:
         """(checkpoints dir, tag) to resume from, checked against the config before anything
         is built: this run's newest complete tag, or train.resume_from's tag unless this run
@@ -462,6 +489,13 @@ class Trainer:
             checkpoint.check_resume_compatible(
                 saved, self.cfg, point[0] / point[1], self.data_fingerprint
             )
+            old_len = saved["config"]["train"]["seq_len"]
+            if old_len != self.cfg.train.seq_len:  # allowed (curricula do it), but said
+                print0(
+                    f"note: train.seq_len={self.cfg.train.seq_len} but {point[1]} trained with "
+                    f"{old_len}: the samples are new windows in a new order, so the data does "
+                    "not continue exactly where it stopped"
+                )
         return point
 
     def _resume(self, ckpt_dir: Path, tag: str) -> None:
@@ -538,7 +572,28 @@ def run(
     print0(describe(launch))
     # The watchdog names the stuck rank; the backend timeout, later, is the backstop.
     ds_engine.init_distributed(2 * cfg.train.watchdog_s)
-    return Trainer(cfg, ds).fit()
+    lock = lock_run_dir(Path(cfg.train.out_dir))
+    try:
+        return Trainer(cfg, ds).fit()
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def lock_run_dir(run_dir: Path) -> runlock.RunLock | None:
+    """Rank 0 takes the run directory's one-writer lock before anything reads or cleans it;
+    a refusal ends every rank alike, before the engine is built (None on other ranks)."""
+    lock, refusal = None, None
+    if is_rank0():
+        try:
+            lock = runlock.acquire(run_dir, say=print0)
+        except runlock.RunLocked as e:
+            refusal = str(e)
+        except OSError as e:  # e.g. a read-only train.out_dir: every rank must hear of it
+            refusal = f"cannot lock {run_dir} ({e}); train.out_dir must be writable"
+    if refusal := from_rank0(refusal):
+        raise runlock.RunLocked(refusal)
+    return lock
 
 
 def train_command(

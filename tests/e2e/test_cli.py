@@ -67,6 +67,25 @@ def test_generate_cli_deterministic_and_cache_equals_no_cache(trained_run):
     assert dsfm("generate", str(tag), "--prompt", "def ", "--max-new-tokens", "4").returncode == 0
 
 
+def test_generate_warns_when_the_context_stops_it(trained_run):
+    """`--max-new-tokens` beyond what the 128-token context leaves: a warning says so."""
+    from dsfm.data.chat import prompt_ids
+    from dsfm.data.tokenizer import Tokenizer
+
+    prompt = "import os\nimport sys\n\n\ndef main(argv):\n    " * 8  # 15 tokens each
+    n_prompt = len(prompt_ids(Tokenizer.load(trained_run), prompt, chat=False)[0])
+    assert 100 < n_prompt < 128
+    args = [str(trained_run), "--prompt", prompt, "--temperature", "0"]
+    out = dsfm("generate", *args, "--max-new-tokens", "64")
+    room = 128 - n_prompt
+    warning = (
+        f"warning: generation stopped at the model's 128-token context: {room} of the 64 new "
+        f"tokens asked for, after a {n_prompt}-token prompt\n"
+    )
+    assert out.stderr.count("warning:") == 1 and warning in out.stderr, out.stderr
+    assert "warning" not in dsfm("generate", *args, "--max-new-tokens", str(room)).stderr
+
+
 def test_grad_accum_equals_larger_batch(byte_data, tmp_path):
     """k micro-batches of b equal one batch of k*b (fp32): same samples, same mean loss."""
     common = [

@@ -138,6 +138,23 @@ def test_bad_configs_give_clear_messages(data_dir, overrides, expected):
     assert expected in problems(None, [f"data.path={data_dir}", *overrides], world_size=2)
 
 
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lr=nan", "optim.lr=nan"),
+        ("optim.lr=-inf", "optim.lr=-inf"),
+        ("optim.betas=[0.9,inf]", "optim.betas[1]=inf"),
+        ("train.watchdog_s=.inf", "train.watchdog_s=inf"),
+        ("model.rope_theta=NaN", "model.rope_theta=nan"),
+    ],
+)
+def test_non_finite_numbers_are_refused_once_by_key(data_dir, override, key):
+    """A NaN passes every `<`/`>` rule, so it is refused by its key, and only once."""
+    text = problems(None, [f"data.path={data_dir}", override])
+    assert f"{key} is not a finite number" in text
+    assert "(1 problem(s))" in text, text
+
+
 def test_missing_data_and_files(tmp_path):
     assert "data.path is not set" in problems()
     assert "no meta.json there" in problems(None, [f"data.path={tmp_path}"])

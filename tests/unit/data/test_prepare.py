@@ -123,6 +123,7 @@ def test_round_trip(tmp_path, corpus, tokenizer):
         assert shard["name"] == split
         assert shard["sha256"] == hashlib.sha256((out / f"{split}.bin").read_bytes()).hexdigest()
     assert sorted(p.name for p in out.iterdir()) == [
+        ".verified.json",  # the hashes above, recorded for training's start-up check
         "meta.json",
         "tokenizer.json",
         "train.bin",
@@ -271,6 +272,33 @@ def test_force_refuses_a_directory_that_is_not_a_dataset(tmp_path, corpus):
     with pytest.raises(FileExistsError, match="does not look like a prepared dataset"):
         prepare([str(root / "a.txt")], root, tokenizer="byte", force=True, progress=False)
     assert (root / "a.txt").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "dir", "glob", "out itself", "link to it"])
+def test_force_refuses_inputs_inside_the_output(tmp_path, corpus, capsys, where):
+    """`--force` replaces the output whole: inputs inside it would go with it."""
+    from dsfm.cli import main
+
+    root, _ = corpus
+    out = tmp_path / "out"
+    meta = prepare([str(root / "a.txt")], out, tokenizer="byte", progress=False)
+    (out / "raw").mkdir()
+    mine = out / "raw" / "notes.txt"
+    mine.write_text("my only copy\n")
+    (tmp_path / "link.txt").symlink_to(mine)
+    given = {
+        "file": str(mine),
+        "dir": str(out / "raw"),
+        "glob": str(out / "raw" / "*.txt"),
+        "out itself": str(out),
+        "link to it": str(tmp_path / "link.txt"),
+    }[where]
+    argv = ["prepare", "--input", str(root / "a.txt"), given, "--out", str(out)]
+    assert main([*argv, "--tokenizer", "byte", "--force"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "lies inside the output directory" in err, err
+    assert mine.read_text() == "my only copy\n"
+    assert json.loads((out / "meta.json").read_text()) == meta
 
 
 @pytest.mark.parametrize("tokenizer", ["byte", None])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsfm.eval.generate import sample
+from dsfm.eval.generate import context_cut, sample
 from dsfm.model.config import ModelConfig
 from dsfm.model.gpt import GPT
 
@@ -100,6 +100,18 @@ def test_capped_at_max_seq_len(model, use_cache):
     assert len(out) == 4
     assert sample(model, list(range(64)), max_new_tokens=5, use_cache=use_cache) == []
     assert sample(model, PROMPT, max_new_tokens=0) == []
+
+
+def test_context_cut_is_said_only_when_the_context_stopped_it(model):
+    out = sample(model, list(range(60)), max_new_tokens=10, seed=0)
+    note = context_cut(60, len(out), 10, 64)
+    assert note == (
+        "generation stopped at the model's 64-token context: 4 of the 10 new tokens asked "
+        "for, after a 60-token prompt"
+    )
+    assert context_cut(60, 4, 4, 64) is None  # asked for no more than fits
+    assert context_cut(60, 2, 10, 64) is None  # stopped earlier (EOT), not by the context
+    assert context_cut(4, 10, 10, 64) is None
 
 
 def test_top_p_restricts_to_nucleus(model):
