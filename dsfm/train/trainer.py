@@ -553,7 +553,8 @@ def _train(
             default_corpus,
         )
     except CheckpointError as e:  # e.g. disk full: the message says what is intact and what to do
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if is_rank0() or not e.agreed:
+            print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     return EXIT_REQUEUE if summary.get("preempted") else 0
 
