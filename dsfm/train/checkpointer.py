@@ -61,10 +61,9 @@ class Checkpointer:
     def save(self, tag: str, state: dict[str, Any], update_latest: bool = True) -> None:
         """Write and publish `tag` on every rank, then keep the newest `keep_last` step tags."""
         self._write(tag, state, update_latest)
-        barrier()
         if is_rank0():
             checkpoint.prune(self.ckpt_dir, self.cfg.keep_last)
-        barrier()
+        self._agree(tag, None)
 
     def _write(self, tag: str, state: dict[str, Any], update_latest: bool) -> None:
         """Three phases, each ending in an agreement of all ranks on its outcome (`_agree`):
@@ -140,8 +139,7 @@ class Checkpointer:
             free = "its free space unknown"
         return CheckpointError(
             f"saving checkpoint {tag} in {self.ckpt_dir} failed ({reason}; {free}). "
-            + ("Nothing was published; the intact" if agreed else "The newest intact")
-            + " checkpoint is "
+            + "Nothing half-written was published; the intact checkpoint is "
             + (f"{intact} (a restart resumes from it)" if intact else "none: no checkpoint yet")
             + ". Free disk space, make the directory writable, or point train.out_dir "
             "elsewhere, then run again.",
