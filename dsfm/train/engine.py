@@ -213,11 +213,11 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, tag: str) -> Exception | None:
     errors: list[Exception] = []
 
     def deferred(write: Callable[..., Any]) -> Callable[..., None]:
-        def attempt(*args: Any) -> None:
+        def attempt(*args: Any, **kwargs: Any) -> None:
             if errors:
                 return
             try:
-                write(*args)
+                write(*args, **kwargs)
             except (OSError, RuntimeError) as e:  # torch's zip writer raises RuntimeError
                 errors.append(e)
 
