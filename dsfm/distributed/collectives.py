@@ -34,10 +34,13 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is true on at least one (one tiny all-reduce)."""
-    x = torch.tensor([float(flag)], device=_device())
-    return all_reduce_sum(x).item() > 0
+def gather(obj: object) -> list[object]:
+    """Every rank's `obj` (small, picklable), in rank order, on every rank."""
+    if not initialized():
+        return [obj]
+    out: list[object] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
 
 
 def from_rank0(text: str | None) -> str | None:

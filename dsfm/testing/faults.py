@@ -10,10 +10,9 @@ unset. Comma-separated `key=value` items:
   step_s=0.3                every step takes at least 0.3 s longer: a window for tests that
                             signal a running job (a fast CPU run may otherwise finish first)
   kill_at=6:PHASE           SIGKILL this process at step 6 in PHASE: step (mid-step, after the
-                            first backward), save_shards (after the engine wrote its files,
-                            before the tag is published), save_publish (rank 0 only:
+                            first backward), save_shards (after this rank wrote its files,
+                            before the ranks agree on the outcome), save_publish (rank 0:
                             after the rename, before `latest`), save_done (after `latest`)
-  enospc_at=4               saving the checkpoint of step 4 fails with ENOSPC
   rank=1                    apply to this rank only (default: every rank)
 e.g. DSFM_FAULT="nan_at=5,rank=1".
 
@@ -23,7 +22,6 @@ line per fault point and the injection logic once.
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import signal
@@ -39,7 +37,7 @@ def parse(spec: str | None) -> dict[str, str]:
     out = {}
     for item in spec.split(","):
         key, sep, value = item.partition("=")
-        known = ("nan_at", "spike_at", "hang_at", "step_s", "kill_at", "enospc_at", "rank")
+        known = ("nan_at", "spike_at", "hang_at", "step_s", "kill_at", "rank")
         if not sep or key not in known:
             raise ValueError(f"{ENV}: cannot read {item!r} (see dsfm/testing/faults.py)")
         out[key] = value
@@ -96,8 +94,3 @@ def maybe_kill(step: int, rank: int, phase: str) -> None:
         and _armed("kill_at", step, rank)
     ):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def maybe_enospc(step: int, rank: int) -> None:
-    if FAULTS and _armed("enospc_at", step, rank):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "(injected by DSFM_FAULT)")

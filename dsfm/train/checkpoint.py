@@ -132,7 +132,12 @@ def pickles_trusted() -> bool:
 
 
 class CheckpointError(RuntimeError):
-    """A save failed on some rank; the previous checkpoint is untouched."""
+    """A save failed on some rank; the previous checkpoint is untouched. `agreed`: every rank
+    holds this same message (rank 0 prints it), else each rank that raised prints its own."""
+
+    def __init__(self, message: str, agreed: bool = False):
+        super().__init__(message)
+        self.agreed = agreed
 
 
 # ---------------------------------------------------------------------------------------

@@ -206,6 +206,37 @@ def count_skipped(engine: Any) -> None:
     engine.skipped_steps += 1
 
 
+def save_checkpoint(engine: Any, ckpt_dir: Path, tag: str) -> Exception | None:
+    """`engine.save_checkpoint` into `ckpt_dir/tag`, returning a failed file write instead
+    of raising it. DeepSpeed's save holds barriers between its writes, so a rank that
+    raised from a full disk would leave the others waiting in one; here the failing rank
+    skips its remaining writes and goes on through every collective, and the caller agrees
+    on the outcome with the other ranks. Reaches past the public API: the engine's
+    `checkpoint_engine.save` (every shard) and the ZeRO recovery-script copy (rank 0)."""
+    errors: list[Exception] = []
+
+    def deferred(write: Callable[..., Any]) -> Callable[..., None]:
+        def attempt(*args: Any, **kwargs: Any) -> None:
+            if errors:
+                return
+            try:
+                write(*args, **kwargs)
+            except (OSError, RuntimeError) as e:  # torch's zip writer raises RuntimeError
+                errors.append(e)
+
+        return attempt
+
+    targets = [(engine.checkpoint_engine, "save"), (engine, "_copy_recovery_script")]
+    for obj, name in targets:
+        setattr(obj, name, deferred(getattr(obj, name)))
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    finally:
+        for obj, name in targets:
+            delattr(obj, name)  # the class's method again
+    return errors[0] if errors else None
+
+
 def to_universal(tag_dir: Path, out_dir: Path) -> None:
     """Convert a ZeRO-1/2/3 tag into DeepSpeed's universal format (one file per parameter
     and optimizer moment, independent of the number of ranks). Rank 0 only."""

@@ -1,10 +1,13 @@
 """How a run stops other than by finishing: a signal (preemption) or a hang (the watchdog).
 
-Preemption: SIGUSR1 (Slurm's `--signal`) or SIGTERM makes every rank finish the current
-step, save a checkpoint and exit with EXIT_REQUEUE, which the sbatch scripts read as "put
-me back in the queue"; a second signal exits at once. `StopSignal` only records the
-request: ranks agree on stopping through the all-reduce that averages the loss (the
-trainer), so a signal seen by one rank stops all of them.
+Preemption: SIGUSR1 (Slurm's `--signal`), SIGTERM or SIGINT (Ctrl-C) makes every rank
+finish the current step, save a checkpoint and exit with EXIT_REQUEUE, which the sbatch
+scripts read as "put me back in the queue"; a second signal exits at once. Ctrl-C reaches
+every process of the terminal's foreground group: under `dsfm train` that is the one
+process; under the `deepspeed` launcher the launcher too, which sends its ranks SIGTERM
+right after (their second signal), so there they stop at once without saving.
+`StopSignal` only records the request: ranks agree on stopping through the all-reduce that
+averages the loss (the trainer), so a signal seen by one rank stops all of them.
 
 The watchdog: a rank that stops making progress is reported and the job exits, instead of
 hanging. A daemon thread per rank watches a heartbeat the trainer updates at each phase (step,
@@ -34,11 +37,11 @@ EXIT_ABORTED = 143  # a second signal: stopped at once, no checkpoint
 
 
 class StopSignal:
-    """SIGUSR1/SIGTERM ask for a checkpoint and a clean exit; a second one exits at once,
+    """SIGUSR1/SIGTERM/SIGINT ask for a checkpoint and a clean exit; a second one exits at once,
     with EXIT_REQUEUE when the checkpoint is already saved (srun terminates the remaining
     tasks as soon as one exits), else EXIT_ABORTED."""
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.received = False
@@ -51,7 +54,10 @@ class StopSignal:
         if self.received:
             os._exit(EXIT_REQUEUE if self.saved else EXIT_ABORTED)
         self.received = True
-        print0(f"received {signal.Signals(signum).name}: stopping after this step")
+        print0(
+            f"received {signal.Signals(signum).name}: stopping after this step with a "
+            "checkpoint (a second signal stops at once, without saving)"
+        )
 
     def restore(self) -> None:
         if self.saved:  # keep exiting 75 on a late signal until the process ends

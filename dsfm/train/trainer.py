@@ -620,7 +620,8 @@ def _train(
         )
     # e.g. disk full, a node lost: the message says what is intact and what to do
     except (CheckpointError, PeerLost) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if is_rank0() or not getattr(e, "agreed", False):  # an agreed failure: rank 0 says it
+            print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     return EXIT_REQUEUE if summary.get("preempted") else 0
 

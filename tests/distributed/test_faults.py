@@ -1,5 +1,5 @@
 """Fault injection with real ranks and real DeepSpeed: kills, SIGTERM, NaN batches, loss
-spikes, a full disk, a truncated checkpoint and a hung rank. Faults come from the
+spikes, a truncated checkpoint and a hung rank. Faults come from the
 `DSFM_FAULT` hook (dsfm/faults.py) or from real signals sent to one rank's process.
 
 Every recovered run must end bit-identical to an uninterrupted one (fp32 on CPU: resume is
@@ -214,25 +214,17 @@ def test_random_kills_and_sigterm_lose_nothing(byte_data, reference, tmp_path):
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
-def test_full_disk_then_truncated_checkpoint(byte_data, reference, tmp_path):
+def test_truncated_checkpoint(byte_data, reference, tmp_path):
+    """(A full disk and a read-only directory are real in test_save_failures.py.)"""
     run_dir = tmp_path / "disk"
     args = common(byte_data, run_dir)
     ckpts = run_dir / "checkpoints"
-    # 1. ENOSPC on rank 1 while saving step 4: clear error, step 2 intact, nothing half-published
-    proc = train("zero2", args, 29650, fault="enospc_at=4,rank=1")
-    assert proc.returncode != 0
-    err = proc.stderr
-    assert (
-        "No space left on device" in err and "previous checkpoint (step_00000002) is intact" in err
-    )
-    assert checkpoint.latest_tag(ckpts) == "step_00000002"
-    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_00000002"]
-    # 2. run on to step 8, then truncate a shard of the newest tag (a bad disk, a cut copy)
+    # 1. run to step 8, then truncate a shard of the newest tag (a bad disk, a cut copy)
     ok(train("zero2", [*args, "train.stop_at=8"], 29652))
     assert checkpoint.latest_tag(ckpts) == "step_00000008"
     shard = next((ckpts / "step_00000008").glob("*optim_states.pt"))
     shard.write_bytes(shard.read_bytes()[:1000])
-    # 3. resume falls back to step 6 with a warning and still ends where the reference ends
+    # 2. resume falls back to step 6 with a warning and still ends where the reference ends
     out = ok(train("zero2", args, 29654)).stdout
     assert "skipping checkpoint" in out and "resumed from" in out and "step_00000006" in out
     assert_same_weights(run_dir, reference)
