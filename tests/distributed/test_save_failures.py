@@ -112,8 +112,13 @@ def assert_failed_cleanly(ranks: list[Rank], survivors: list[int], reason: str) 
         assert "Traceback" not in ranks[r].out, ranks[r].out[-3000:]
     messages = [line for r in survivors for line in ranks[r].out.splitlines() if "error:" in line]
     assert len(messages) == 1, "\n".join(messages)
-    assert reason in messages[0], messages[0]
-    assert f"intact checkpoint is {INTACT} (a restart resumes from it)" in messages[0]
+    assert any(r in messages[0] for r in reason.split("|")), messages[0]
+    # The save's own message, or the lost-peer one when the dead rank is noticed in a
+    # collective outside the save's agreement (DeepSpeed's own): both name the intact tag.
+    assert (
+        f"intact checkpoint is {INTACT} (a restart resumes from it)" in messages[0]
+        or f"to resume from {INTACT}." in messages[0]
+    ), messages[0]
 
 
 def assert_intact(run_dir: Path) -> None:
@@ -162,5 +167,5 @@ def test_rank_killed_mid_save(byte_data, run_dir):
         byte_data, run_dir, port=29716, stop_at=4, fault="kill_at=4:save_shards,rank=1"
     )
     assert ranks[1].returncode == -9
-    assert_failed_cleanly(ranks, [0], "rank 0 lost contact with another rank")
+    assert_failed_cleanly(ranks, [0], "rank 0 lost contact with another rank|a peer rank is gone")
     assert_intact(run_dir)
