@@ -123,14 +123,14 @@ def test_bad_config_refused_before_any_work(tmp_path):
         "--config",
         "configs/smoke.yaml",
         f"train.out_dir={run}",
-        "model.n_heads=3",
+        "model.n_heads=5",
         "train.max_step=5",
         f"data.path={tmp_path}",
         check=False,
         timeout=60,
     )
     assert out.returncode == 2
-    assert "n_heads=3 does not divide model.d_model=256" in out.stderr
+    assert "n_heads=5 does not divide model.d_model=96" in out.stderr
     assert "unknown key train.max_step (did you mean 'max_steps'?)" in out.stderr
     assert "no meta.json there" in out.stderr
     assert not run.exists()

@@ -24,7 +24,7 @@ def test_resolved_config_is_the_yaml_that_loads_back(capsys, tmp_path):
     out = show(capsys, "smoke", ["train.max_steps=70", "optim.lr=1e-3"])
     printed = yaml.safe_load(out)
     assert printed["train"]["max_steps"] == 70 and printed["optim"]["lr"] == 1e-3
-    assert printed["model"]["preset"] == "d4" and printed["train"]["out_dir"] == "runs/smoke"
+    assert printed["model"]["d_model"] == 96 and printed["train"]["out_dir"] == "runs/smoke"
     # what it prints is a config: saved and loaded again, the same settings
     (tmp_path / "c.yaml").write_text(out)
     assert to_dict(load_config(tmp_path / "c.yaml")) == printed | {
