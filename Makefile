@@ -22,8 +22,8 @@ quickstart: setup
 	@test -f data/stdlib/meta.json || $(VENV)/bin/dsfm prepare --input stdlib --out data/stdlib \
 		--vocab-size 4096 --max-bytes 8000000
 	$(VENV)/bin/dsfm train --config configs/smoke.yaml
-	$(VENV)/bin/dsfm generate runs/smoke --prompt "def " --max-new-tokens 80 --top-k 50 --seed 0
-	$(VENV)/bin/dsfm generate runs/smoke --prompt "The " --max-new-tokens 80 --top-k 50 --seed 0
+	$(VENV)/bin/dsfm generate runs/smoke --prompt "class" --max-new-tokens 80 --temperature 0.8 --top-k 50 --seed 0
+	$(VENV)/bin/dsfm generate runs/smoke --prompt "The" --max-new-tokens 80 --temperature 0.8 --top-k 50 --seed 0
 
 test: setup-dev
 	$(PY) -m pytest tests -q -ra --durations=15
