@@ -128,10 +128,12 @@ def test_commands_and_refusals(chat_run, tmp_path):
     assert proc.returncode == 2 and "top_p must be in (0, 1]" in proc.stderr
 
     from dsfm.data.tokenizer import byte_tokenizer
+    from dsfm.train import checkpoint
 
     plain = tmp_path / "plain"  # the same tag, with a tokenizer that has no chat tokens
     shutil.copytree(chat_run / "checkpoints" / "final", plain)
     byte_tokenizer().save(plain)
+    checkpoint.write_manifest(plain)  # an edited tag, not a damaged one
     proc = chat(plain, "hi\n", *FLAGS)
     assert proc.returncode == 2 and "is not a chat model" in proc.stderr
     assert "dsfm generate" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
