@@ -43,5 +43,5 @@ setup(
             "triton>=3.0; platform_system == 'Linux'",
         ],
     },
-    entry_points={"console_scripts": ["dsfm=dsfm.cli:main"]},
+    entry_points={"console_scripts": ["dsfm=dsfm.cli:run"]},
 )

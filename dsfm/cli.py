@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
+import traceback
+from typing import NoReturn
 
 # verb -> (module, function); the function's parameters are the verb's argument names.
 VERBS = {
@@ -45,6 +49,33 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as e:  # ConfigError is a ValueError
         print(f"dsfm {verb}: error: {e}", file=sys.stderr)
         return 2
+
+
+def run(argv: list[str] | None = None) -> NoReturn:
+    """The process entry point (the `dsfm` command, `python -m dsfm.launch.*`): `main`, then
+    exit. A process that joined a process group ends without Python's finalization: a gloo
+    worker thread still freeing a finished collective's tensors then needs the GIL, and
+    finalization ends such threads with an unwind that C++ turns into an abort
+    ("terminate called without an active exception", status 134 after a run that succeeded).
+    Everything dsfm writes is closed by then; the streams are flushed here."""
+    try:
+        code = main(argv)
+    except Exception:
+        if not _joined_process_group():
+            raise
+        traceback.print_exc()  # as Python would, but exit 1, never the abort's 134
+        code = 1
+    if _joined_process_group():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _joined_process_group() -> bool:
+    dist = sys.modules.get("torch.distributed")  # never imported by verbs without torch
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 class _Help(argparse.HelpFormatter):
@@ -418,4 +449,4 @@ def _verb(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

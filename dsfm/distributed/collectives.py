@@ -34,13 +34,26 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def gather(obj: object) -> list[object]:
-    """Every rank's `obj` (small, picklable), in rank order, on every rank."""
+def gather(text: str | None) -> list[str | None]:
+    """Every rank's `text` (a short outcome; None for none), in rank order, on every rank,
+    as plain tensors like `_text_from` (torch's `all_gather_object` warns of a deprecated
+    call on every rank, every save)."""
     if not initialized():
-        return [obj]
-    out: list[object] = [None] * torch_dist.get_world_size()
-    torch_dist.all_gather_object(out, obj)
-    return out
+        return [text]
+    data = b"" if text is None else text.encode()
+    size = torch.tensor([len(data) + 1 if text is not None else 0], device=_device())
+    sizes = [torch.zeros_like(size) for _ in range(rank_and_world()[1])]
+    torch_dist.all_gather(sizes, size)
+    longest = max(int(n.item()) for n in sizes)
+    buf = torch.zeros(max(longest, 1), dtype=torch.uint8, device=_device())
+    if data:
+        buf[: len(data)].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    bufs = [torch.zeros_like(buf) for _ in sizes]
+    torch_dist.all_gather(bufs, buf)
+    return [
+        None if int(n.item()) == 0 else b.cpu().numpy()[: int(n.item()) - 1].tobytes().decode()
+        for n, b in zip(sizes, bufs, strict=True)
+    ]
 
 
 def from_rank0(text: str | None) -> str | None:

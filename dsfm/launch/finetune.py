@@ -6,7 +6,7 @@
 
 import sys
 
-from dsfm.cli import main
+from dsfm.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["finetune", *sys.argv[1:]]))
+    run(["finetune", *sys.argv[1:]])

@@ -9,7 +9,7 @@ the embedded corpus (prepared once into $DSFM_CACHE, default ~/.cache/dsfm).
 
 import sys
 
-from dsfm.cli import main
+from dsfm.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    run(["train", *sys.argv[1:]])

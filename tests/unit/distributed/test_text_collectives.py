@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 def work(rank, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     d.init_process_group("gloo", rank=rank, world_size=2)
-    from dsfm.distributed.collectives import first_of_ranks, from_rank0
+    from dsfm.distributed.collectives import first_of_ranks, from_rank0, gather
     got = [
         first_of_ranks("from one" if rank == 1 else None),
         first_of_ranks(f"r{rank}"),
@@ -22,6 +22,9 @@ def work(rank, port):
         from_rank0("zéro says" if rank == 0 else "ignored"),
         from_rank0(None if rank == 0 else "x"),
         from_rank0(""),
+        gather("rank 1: disk full ü" if rank == 1 else None),
+        gather("a" * (rank + 1)),
+        gather("" if rank == 0 else None),
     ]
     with open(f"{sys.argv[2]}/rank{rank}.txt", "w") as f:  # not stdout: lines interleave
         f.write(repr(got))
@@ -47,7 +50,10 @@ def test_texts_reach_every_rank(tmp_path):
         text=True,
         timeout=120,
     )
-    expected = "['from one', 'r0', None, 'zéro says', None, '']"
+    expected = (
+        "['from one', 'r0', None, 'zéro says', None, '', "
+        "[None, 'rank 1: disk full ü'], ['a', 'aa'], ['', None]]"
+    )
     assert proc.returncode == 0, proc.stderr
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.txt").read_text() == expected

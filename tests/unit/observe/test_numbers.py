@@ -46,8 +46,16 @@ def test_only_finite_real_numbers_count():
 
 
 @pytest.mark.parametrize(
-    "x, text", [(0.0, "0"), (3e-3, "3e-3"), (0.0025, "2.5e-3"), (5e-4, "5e-4"), (1.0, "1e0"),
-                (0.00013, "1.3e-4"), (-2e-5, "-2e-5")]  # fmt: skip
+    "x, text",
+    [
+        (0.0, "0"),
+        (3e-3, "3e-3"),
+        (0.0025, "2.5e-3"),
+        (5e-4, "5e-4"),
+        (1.0, "1e0"),
+        (0.00013, "1.3e-4"),
+        (-2e-5, "-2e-5"),
+    ],  # fmt: skip
 )
 def test_scientific_as_configs_write_it(x, text):
     assert scientific(x) == text
