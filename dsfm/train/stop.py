@@ -4,8 +4,10 @@ Preemption: SIGUSR1 (Slurm's `--signal`), SIGTERM or SIGINT (Ctrl-C) makes every
 finish the current step, save a checkpoint and exit with EXIT_REQUEUE, which the sbatch
 scripts read as "put me back in the queue"; a second signal exits at once. Ctrl-C reaches
 every process of the terminal's foreground group: under `dsfm train` that is the one
-process; under the `deepspeed` launcher the launcher too, which sends its ranks SIGTERM
-right after (their second signal), so there they stop at once without saving.
+process; under a launcher (`deepspeed`, `torchrun`) the launcher too, which then sends its
+ranks SIGTERM and waits for them (30 s each) before killing them. A SIGTERM that follows a
+SIGINT within FORWARD_WINDOW_S is therefore the same Ctrl-C passed on, not a second
+request: the ranks still finish the step and save. A second Ctrl-C exits at once.
 `StopSignal` only records the request: ranks agree on stopping through the all-reduce that
 averages the loss (the trainer), so a signal seen by one rank stops all of them.
 
@@ -34,6 +36,7 @@ from dsfm.distributed.env import print0
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by a signal after saving; run again to continue
 EXIT_HUNG = 124  # as timeout(1): the job did not finish in time
 EXIT_ABORTED = 143  # a second signal: stopped at once, no checkpoint
+FORWARD_WINDOW_S = 5.0  # a launcher passes Ctrl-C on as SIGTERM within this time
 
 
 class StopSignal:
@@ -46,18 +49,31 @@ class StopSignal:
     def __init__(self) -> None:
         self.received = False
         self.saved = False
+        self.first: tuple[int, float] | None = None  # (signal, when) of the request
         self.previous = {}
         if threading.current_thread() is threading.main_thread():  # handlers need the main thread
             self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if self.first is not None and self._passed_on(signum, now):
+            return
         if self.received:
             os._exit(EXIT_REQUEUE if self.saved else EXIT_ABORTED)
-        self.received = True
+        self.received, self.first = True, (signum, now)
         print0(
             f"received {signal.Signals(signum).name}: stopping after this step with a "
             "checkpoint (a second signal stops at once, without saving)"
         )
+
+    def _passed_on(self, signum: int, now: float) -> bool:
+        """A launcher's SIGTERM right after the terminal's SIGINT: the same Ctrl-C, once."""
+        first, at = self.first
+        if first != signal.SIGINT or signum != signal.SIGTERM or now - at > FORWARD_WINDOW_S:
+            return False
+        self.first = (signum, at)  # a further SIGTERM is a second request
+        print0("received SIGTERM from the launcher passing on Ctrl-C: still saving this step")
+        return True
 
     def restore(self) -> None:
         if self.saved:  # keep exiting 75 on a late signal until the process ends

@@ -16,7 +16,7 @@ from dsfm.model.config import ModelConfig
 from dsfm.testing import faults
 from dsfm.train.checkpoint import check_resume_compatible
 from dsfm.train.guard import LossGuard, Verdict
-from dsfm.train.stop import EXIT_HUNG
+from dsfm.train.stop import EXIT_ABORTED, EXIT_HUNG
 
 
 def test_nonfinite_is_always_skipped_and_streaks_count():
@@ -108,3 +108,31 @@ def test_watchdog_reports_rank_phase_and_step_then_exits():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == EXIT_HUNG
     assert "rank 3 stuck" in proc.stderr and "in step after step 41" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "signals, window, status",
+    [
+        ("INT TERM", 5.0, 0),  # Ctrl-C, then the launcher passing it on: one request
+        ("INT TERM TERM", 5.0, EXIT_ABORTED),  # a further SIGTERM is a second request
+        ("INT INT", 5.0, EXIT_ABORTED),  # a second Ctrl-C stops at once
+        ("TERM TERM", 5.0, EXIT_ABORTED),
+        ("USR1 TERM", 5.0, EXIT_ABORTED),  # Slurm's notice, then its time limit
+        ("INT TERM", 0.0, EXIT_ABORTED),  # a SIGTERM long after the Ctrl-C is another request
+    ],
+)
+def test_stop_signal_counts_a_launchers_forwarded_ctrl_c_once(signals, window, status):
+    code = textwrap.dedent(
+        f"""
+        import os, signal, time
+        from dsfm.train import stop
+        stop.FORWARD_WINDOW_S = {window}
+        s = stop.StopSignal()
+        for name in {signals.split()!r}:
+            os.kill(os.getpid(), getattr(signal, "SIG" + name))
+            time.sleep(0.05)  # the handler runs between bytecodes
+        assert s.received
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == status, proc.stdout + proc.stderr
