@@ -4,10 +4,10 @@ Preemption: SIGUSR1 (Slurm's `--signal`), SIGTERM or SIGINT (Ctrl-C) makes every
 finish the current step, save a checkpoint and exit with EXIT_REQUEUE, which the sbatch
 scripts read as "put me back in the queue"; a second signal exits at once. Ctrl-C reaches
 every process of the terminal's foreground group: under `dsfm train` that is the one
-process; under a launcher (`deepspeed`, `torchrun`) the launcher too, which then sends its
-ranks SIGTERM and waits for them (30 s each) before killing them. A SIGTERM that follows a
-SIGINT within FORWARD_WINDOW_S is therefore the same Ctrl-C passed on, not a second
-request: the ranks still finish the step and save. A second Ctrl-C exits at once.
+process; under the `deepspeed` launcher the launcher as well (torchrun's too, untested),
+which sends its ranks SIGTERM and waits for them (30 s each) before killing them. A SIGTERM
+that follows a SIGINT within FORWARD_WINDOW_S is therefore the same Ctrl-C passed on, not a
+second request: the ranks still finish the step and save. A second Ctrl-C exits at once.
 `StopSignal` only records the request: ranks agree on stopping through the all-reduce that
 averages the loss (the trainer), so a signal seen by one rank stops all of them.
 
