@@ -262,13 +262,18 @@ def test_inconsistent_environment_names_the_variable(env, names):
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    """os.environ without any launcher's variables (the suite itself may run under one)."""
+    """os.environ without any launcher's variables (the suite itself may run under one),
+    restored afterwards whole: `ensure_env` adds variables that monkeypatch never saw, and a
+    leftover LOCAL_WORLD_SIZE=1 would reach the jobs later tests launch."""
     launch_vars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"}
     launch_vars |= {"MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"}
+    saved = dict(os.environ)
     for name in list(os.environ):
         if name in launch_vars or name.startswith("SLURM"):
             monkeypatch.delenv(name)
-    return monkeypatch
+    yield monkeypatch
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_ensure_env_single_process(clean_env):
