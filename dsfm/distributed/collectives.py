@@ -35,25 +35,16 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def gather(text: str | None) -> list[str | None]:
-    """Every rank's `text` (a short outcome; None for none), in rank order, on every rank,
-    as plain tensors like `_text_from` (torch's `all_gather_object` warns of a deprecated
-    call on every rank, every save)."""
+    """Every rank's `text` (a short outcome; None for none), in rank order, on every rank."""
     if not initialized():
         return [text]
-    data = b"" if text is None else text.encode()
-    size = torch.tensor([len(data) + 1 if text is not None else 0], device=_device())
+    data, size = _encoded(text)
     sizes = [torch.zeros_like(size) for _ in range(rank_and_world()[1])]
     torch_dist.all_gather(sizes, size)
-    longest = max(int(n.item()) for n in sizes)
-    buf = torch.zeros(max(longest, 1), dtype=torch.uint8, device=_device())
-    if data:
-        buf[: len(data)].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    buf = _bytes(data, max(int(n.item()) for n in sizes))
     bufs = [torch.zeros_like(buf) for _ in sizes]
     torch_dist.all_gather(bufs, buf)
-    return [
-        None if int(n.item()) == 0 else b.cpu().numpy()[: int(n.item()) - 1].tobytes().decode()
-        for n, b in zip(sizes, bufs, strict=True)
-    ]
+    return [_decoded(b, n) for n, b in zip(sizes, bufs, strict=True)]
 
 
 def from_rank0(text: str | None) -> str | None:
@@ -75,21 +66,36 @@ def first_of_ranks(text: str | None) -> str | None:
 
 
 def _text_from(src: int, text: str | None) -> str | None:
-    """`src`'s text on every rank, as plain tensors: torch's object collectives
-    (`broadcast_object_list`) sometimes abort the process at exit on gloo."""
+    """`src`'s text on every rank."""
     if not initialized():
         return text
-    data = b"" if text is None else text.encode()
-    size = torch.tensor([len(data) + 1 if text is not None else 0], device=_device())
+    data, size = _encoded(text)
     torch_dist.broadcast(size, src=src)
-    n = int(size.item())
-    if n == 0:
+    if int(size.item()) == 0:  # None: every rank knows it now, no second collective
         return None
-    buf = torch.zeros(n - 1, dtype=torch.uint8, device=_device())
-    if rank_and_world()[0] == src and data:
-        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    buf = _bytes(data if rank_and_world()[0] == src else b"", int(size.item()))
     torch_dist.broadcast(buf, src=src)
-    return buf.cpu().numpy().tobytes().decode()
+    return _decoded(buf, size)
+
+
+# Texts travel as plain uint8 tensors behind a size (0 for None, else bytes + 1), not through
+# torch's object collectives, which pickle and warn of a deprecated call on every rank.
+def _encoded(text: str | None) -> tuple[bytes, torch.Tensor]:
+    data = b"" if text is None else text.encode()
+    return data, torch.tensor([0 if text is None else len(data) + 1], device=_device())
+
+
+def _bytes(data: bytes, size: int) -> torch.Tensor:
+    """A buffer for a text of encoded `size` (at least one byte), holding `data`."""
+    buf = torch.zeros(max(size - 1, 1), dtype=torch.uint8, device=_device())
+    if data:
+        buf[: len(data)].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    return buf
+
+
+def _decoded(buf: torch.Tensor, size: torch.Tensor) -> str | None:
+    n = int(size.item())
+    return None if n == 0 else buf.cpu().numpy()[: n - 1].tobytes().decode()
 
 
 def _device() -> torch.device | None:

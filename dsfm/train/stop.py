@@ -47,20 +47,23 @@ class StopSignal:
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.received = False
         self.saved = False
         self.first: tuple[int, float] | None = None  # (signal, when) of the request
         self.previous = {}
         if threading.current_thread() is threading.main_thread():  # handlers need the main thread
             self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
+    @property
+    def received(self) -> bool:
+        return self.first is not None
+
     def _handle(self, signum: int, frame: Any) -> None:
         now = time.monotonic()
-        if self.first is not None and self._passed_on(signum, now):
-            return
         if self.received:
+            if self._passed_on(signum, now):
+                return
             os._exit(EXIT_REQUEUE if self.saved else EXIT_ABORTED)
-        self.received, self.first = True, (signum, now)
+        self.first = (signum, now)
         print0(
             f"received {signal.Signals(signum).name}: stopping after this step with a "
             "checkpoint (a second signal stops at once, without saving)"

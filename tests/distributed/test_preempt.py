@@ -28,6 +28,15 @@ def rank_pids(run_dir, rank: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def wait_for_steps(proc: subprocess.Popen, run_dir) -> None:
+    """Until the run has logged two rows (so a signal lands mid-run), failing if it ends."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
+        time.sleep(0.05)
+
+
 def test_signal_to_one_rank_checkpoints_all_and_resume_is_exact(byte_data, tmp_path):
     common = [
         *TINY,
@@ -57,11 +66,7 @@ def test_signal_to_one_rank_checkpoints_all_and_resume_is_exact(byte_data, tmp_p
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
-        time.sleep(0.05)
+    wait_for_steps(proc, run_dir)
     for pid in rank_pids(run_dir, 1):  # rank 1 only, as if one node got the notice
         subprocess.run(["kill", "-USR1", str(pid)])
     out = proc.communicate(timeout=120)[0]
@@ -110,11 +115,7 @@ def test_ctrl_c_under_the_launcher_saves_the_step(byte_data, tmp_path):
         text=True,
         start_new_session=True,
     )
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
-        time.sleep(0.05)
+    wait_for_steps(proc, run_dir)
     os.killpg(proc.pid, signal.SIGINT)
     out = proc.communicate(timeout=120)[0]  # the ranks hold the pipe until they end
     assert not rank_pids(run_dir, 0) and not rank_pids(run_dir, 1)

@@ -7,9 +7,10 @@ run that succeeded, in about half of these processes when they exit the ordinary
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
+
+from dsfm.distributed.env import free_port
 
 SCRIPT = """
 import os, sys
@@ -29,12 +30,6 @@ if sys.argv[2] == "verb":  # a real verb, through the real `main`
 cli.main = last_step
 cli.run(sys.argv[2:])
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_joined(tmp_path, *argv: str) -> subprocess.CompletedProcess:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
+
+from dsfm.distributed.env import free_port
 
 SCRIPT = """
 import os, sys
@@ -33,12 +34,6 @@ def work(rank, port):
 if __name__ == "__main__":
     mp.spawn(work, args=(int(sys.argv[1]),), nprocs=2)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_texts_reach_every_rank(tmp_path):
